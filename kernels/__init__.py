@@ -1,0 +1,29 @@
+"""Fused kernels for vae-engine: reparameterization, KL divergence and vector quantization.
+
+Every op has a pure-PyTorch reference `<op>_ref`; the backend is chosen in `kernels.dispatch`.
+"""
+
+from kernels.dispatch import get_backend, set_backend, use_backend
+from kernels.kl_divergence import kl_divergence, kl_divergence_ref
+from kernels.reparameterize import reparameterize, reparameterize_ref
+from kernels.reparameterize_kl import reparameterize_kl, reparameterize_kl_ref
+from kernels.vq_ema import vq_ema_update, vq_ema_update_ref
+from kernels.vq_quantize import vq_nearest, vq_nearest_ref, vq_quantize, vq_quantize_ref
+
+__all__ = [
+    "get_backend",
+    "kl_divergence",
+    "kl_divergence_ref",
+    "reparameterize",
+    "reparameterize_kl",
+    "reparameterize_kl_ref",
+    "reparameterize_ref",
+    "set_backend",
+    "use_backend",
+    "vq_ema_update",
+    "vq_ema_update_ref",
+    "vq_nearest",
+    "vq_nearest_ref",
+    "vq_quantize",
+    "vq_quantize_ref",
+]
