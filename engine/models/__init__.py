@@ -1,0 +1,23 @@
+"""Reference VAE models. Build them through the registry:
+
+    from engine.models import build_model
+    model = build_model("conv", preset="conv-fmnist-2d")
+"""
+
+from engine.models.base import BaseVAE, DiagonalGaussian, ExportPart, ModelOutput
+from engine.models.registry import (
+    FAMILIES,
+    PRESETS,
+    build_model,
+    config_from_dict,
+    config_to_dict,
+    get_family,
+    make_config,
+    model_from_config,
+)
+
+__all__ = [
+    "BaseVAE", "DiagonalGaussian", "ExportPart", "ModelOutput", "FAMILIES", "PRESETS",
+    "build_model", "config_from_dict", "config_to_dict", "get_family", "make_config",
+    "model_from_config",
+]

@@ -1,0 +1,205 @@
+"""The model protocol shared by every VAE family.
+
+The trainer, the evaluator, export and the runtime depend on this surface only:
+
+    encode(x, y=None)      -> DiagonalGaussian (or VQ codes for the VQ-VAE)
+    decode(z, y=None)      -> outputs in data space (images in [0, 1] for a sigmoid head)
+    forward(x, y=None)     -> ModelOutput: what the loss needs
+    sample(n, y=None, seed=None), reconstruct(x, y=None)
+    training_loss(batch, objective, weight) -> (loss, parts) parts: dict[str, Tensor] for logging
+    export_parts()         -> dict[str, ExportPart]          graphs that export writes
+    config                 -> frozen dataclass that rebuilds the model (see registry.py)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+import kernels
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))); `mean` and `logvar` have shape (B, *latent_shape)."""
+
+    mean: Tensor
+    logvar: Tensor
+
+    def sample(self, seed: int | None = None) -> Tensor:
+        """z = mean + exp(0.5 logvar) * eps, through the fused kernel where dispatch allows."""
+        return kernels.reparameterize(self.mean, self.logvar, seed=seed)
+
+    def sample_with_kl(self, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """(z, KL(q || N(0, I)) per row) in one pass over mean and logvar."""
+        z, kl = kernels.reparameterize_kl(self.mean.flatten(1), self.logvar.flatten(1), seed=seed)
+        return z.view_as(self.mean), kl
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) summed over latent dims: shape (B,)."""
+        return kernels.kl_divergence(self.mean.flatten(1), self.logvar.flatten(1))
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z|x) summed over latent dims. z: (..., B, *latent) broadcasting over leading dims."""
+        var = self.logvar.exp()
+        elem = -0.5 * (LOG_2PI + self.logvar + (z - self.mean).pow(2) / var)
+        return elem.flatten(-len(self.mean.shape[1:])).sum(-1)
+
+
+def standard_normal_log_prob(z: Tensor, latent_ndim: int) -> Tensor:
+    """log N(z; 0, I) summed over the trailing `latent_ndim` dims."""
+    return (-0.5 * (LOG_2PI + z.pow(2))).flatten(-latent_ndim).sum(-1)
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass hands to the loss.
+
+    recon_logits: decoder output before the output activation, (B, *data_shape)
+    posterior:    q(z|x) (None for the VQ-VAE)
+    z:            the latent that was decoded
+    kl:           KL per row (B,), computed in the same pass as z when available
+    extras:       family-specific terms, e.g. {"vq_loss": ..., "perplexity": ...}
+    """
+
+    recon_logits: Tensor
+    z: Tensor
+    posterior: DiagonalGaussian | None = None
+    kl: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One graph to export: a module, example inputs, and their names and dynamic axes."""
+
+    module: nn.Module
+    example_inputs: tuple[Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    # input name -> {axis index: axis name}; the batch axis is always dynamic.
+    dynamic_axes: dict[str, dict[int, str]]
+    description: str = ""
+
+
+class BaseVAE(nn.Module):
+    """Common behaviour of the image VAEs. Subclasses set `family` and implement
+    `_encode_params(x, y) -> (mean, logvar)` and `_decode_logits(z, y) -> logits`."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    # --- shape contract -------------------------------------------------------------------
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.config, "num_classes", 0) > 0
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.config.latent_dim,)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_labels(self, y: Tensor | None, batch: int, where: str) -> Tensor | None:
+        if not self.conditional:
+            if y is not None:
+                raise ValueError(f"{where}(): this {self.family} model is unconditional; got labels")
+            return None
+        if y is None:
+            raise ValueError(
+                f"{where}(): this conditional model needs labels y of shape ({batch},) with values"
+                f" in [0, {self.config.num_classes}); got none"
+            )
+        if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{where}(): expected integer labels of shape ({batch},), got {tuple(y.shape)}"
+                f" {y.dtype}"
+            )
+        return y
+
+    def _check_input(self, x: Tensor, where: str) -> None:
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(
+                f"{where}(): expected input of shape (B, {', '.join(map(str, self.data_shape))}),"
+                f" got {tuple(x.shape)}"
+            )
+
+    def _check_latent(self, z: Tensor, where: str) -> None:
+        if tuple(z.shape[1:]) != self.latent_shape:
+            hint = ""
+            if z.dim() == 2 and z.shape[1] == 2 * self.latent_shape[0]:
+                hint = ": did you pass the encoder's concatenated (mu, logvar) instead of a sample?"
+            raise ValueError(
+                f"{where}(): expected a latent of shape (B, {', '.join(map(str, self.latent_shape))}),"
+                f" got {tuple(z.shape)}{hint}"
+            )
+
+    # --- the protocol ---------------------------------------------------------------------
+    def encode(self, x: Tensor, y: Tensor | None = None) -> DiagonalGaussian:
+        self._check_input(x, "encode")
+        y = self._check_labels(y, x.shape[0], "encode")
+        mean, logvar = self._encode_params(x, y)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        self._check_latent(z, "decode")
+        y = self._check_labels(y, z.shape[0], "decode")
+        return self.output_activation(self._decode_logits(z, y))
+
+    def output_activation(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self.config.output == "sigmoid" else logits
+
+    def forward(self, x: Tensor, y: Tensor | None = None, seed: int | None = None) -> ModelOutput:
+        posterior = self.encode(x, y)
+        z, kl = posterior.sample_with_kl(seed=seed)
+        logits = self._decode_logits(z, self._check_labels(y, x.shape[0], "forward"))
+        return ModelOutput(recon_logits=logits, z=z, posterior=posterior, kl=kl)
+
+    @torch.no_grad()
+    def sample(self, n: int, y: Tensor | None = None, seed: int | None = None) -> Tensor:
+        """n draws from p(x|z), z ~ N(0, I); returns decoder means in data space."""
+        gen = torch.Generator(device=self._device())
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        z = torch.randn((n, *self.latent_shape), generator=gen, device=self._device())
+        return self.decode(z, y)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Decode the posterior mean: the deterministic reconstruction."""
+        return self.decode(self.encode(x, y).mean, y)
+
+    def training_loss(self, batch: Any, objective: Any, weight: Any) -> tuple[Tensor, dict]:
+        """(loss, parts) for one batch (x, y); `weight` is the scheduled KLWeight."""
+        from engine import losses
+
+        x, y = batch
+        return losses.vae_objective(self, x, y if self.conditional else None, objective, weight)
+
+    def export_parts(self) -> dict[str, ExportPart]:
+        from engine.models.export_wrappers import image_vae_parts
+
+        return image_vae_parts(self)
+
+    def _encode_params(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _decode_logits(self, z: Tensor, y: Tensor | None) -> Tensor:
+        raise NotImplementedError
