@@ -1,0 +1,243 @@
+"""Checkpoints: safetensors weights + JSON config + optimizer/scheduler/step/RNG state.
+
+A checkpoint is a directory, self-contained (its config alone rebuilds the model):
+
+    <ckpt>/config.json         {"model": {...family config...}, "train": {...}, "versions": {...}}
+    <ckpt>/model.safetensors   model weights (and buffers)
+    <ckpt>/ema.safetensors     EMA weights, when training used --ema
+    <ckpt>/state.safetensors   optimizer tensors, scheduler/RNG states
+    <ckpt>/state.json          step, epoch, metrics, the optimizer's non-tensor state, and the
+                               SHA-256 of every file above (checked on load)
+
+Writes are atomic at the directory level: files go to `<ckpt>.tmp/` (each fsynced), the old
+directory is renamed to `<ckpt>.old/`, the new one renamed into place, then `.old` removed. A
+crash at any point leaves either `<ckpt>/` or `<ckpt>.old/` complete; `resolve()` finds it.
+Loading never unpickles: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.models.registry import config_to_dict, model_from_config
+
+FORMAT_VERSION = 1
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors", "state.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, truncated or of the wrong model."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+
+# --- atomic file helpers ------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- optimizer state <-> (tensors, json) ----------------------------------------------------
+def split_state(state: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested state dict by {"__tensor__": key}, collecting them."""
+    if isinstance(state, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = state.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(state, dict):
+        return {str(k): split_state(v, f"{prefix}.{k}", tensors) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [split_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(state)]
+    return state
+
+
+def join_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: join_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_state(v, tensors) for v in obj]
+    return obj
+
+
+def optimizer_state_from_json(obj: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict:
+    """JSON turns the optimizer's int parameter ids into strings; turn them back."""
+    state = join_state(obj, tensors)
+    state["state"] = {int(k): v for k, v in state["state"].items()}
+    return state
+
+
+# --- save -----------------------------------------------------------------------------------
+def _state_dict_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save(
+    path: Path,
+    model: nn.Module,
+    *,
+    train_config: dict[str, Any] | None = None,
+    ema: nn.Module | None = None,
+    extra_state: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically. `extra_state` must be JSON-serialisable."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {"format": FORMAT_VERSION, "model": config_to_dict(model.config),
+              "train": train_config or {}, "versions": {"torch": torch.__version__}}
+    _write_safetensors(tmp / "model.safetensors", _state_dict_cpu(model))
+    if ema is not None:
+        _write_safetensors(tmp / "ema.safetensors", _state_dict_cpu(ema))
+    if extra_tensors:
+        _write_safetensors(tmp / "state.safetensors", extra_tensors)
+    atomic_write_json(tmp / "config.json", config)
+    hashes = {name: sha256(tmp / name) for name in (*WEIGHT_FILES, "config.json")
+              if (tmp / name).exists()}
+    atomic_write_json(tmp / "state.json", {**(extra_state or {}), "sha256": hashes})
+    _swap_into_place(tmp, path, old)
+    return path
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(tmp: Path, path: Path, old: Path) -> None:
+    fsync_dir(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- load -----------------------------------------------------------------------------------
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a checkpoint dir, a run dir (-> last/) or a file in one."""
+    p = Path(path)
+    if p.is_file() and p.name in (*WEIGHT_FILES, "config.json", "state.json"):
+        p = p.parent
+    if (p / "state.json").exists():
+        return p
+    for candidate in (p / "last", p / "best", p.with_name(p.name + ".old"), p / "last.old"):
+        if (candidate / "state.json").exists():
+            return candidate
+    raise CheckpointError(
+        f"no checkpoint at {path}: expected a run directory (with last/ or best/) or a"
+        " checkpoint directory holding config.json, model.safetensors and state.json"
+    )
+
+
+def read(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
+    p = resolve(path)
+    state = _read_json(p / "state.json")
+    if verify:
+        for name, digest in state.get("sha256", {}).items():
+            if not (p / name).exists():
+                raise CheckpointError(f"checkpoint {p} is incomplete: {name} is missing")
+            if sha256(p / name) != digest:
+                raise CheckpointError(
+                    f"checkpoint {p} is corrupt: {name} does not match its recorded SHA-256"
+                    " (truncated or modified); use another checkpoint, e.g. best/ or last/"
+                )
+    return Checkpoint(p, _read_json(p / "config.json"), state)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint file missing: {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is not valid JSON ({e})") from e
+
+
+def read_tensors(ckpt: Checkpoint, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(ckpt.path / name))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {ckpt.path / name}: {e}") from e
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Strict load with a one-line error that names the mismatch instead of torch's dump."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{where} does not fit this {type(model).__name__}: missing {missing[:3]},"
+            f" unexpected {unexpected[:3]}, shape mismatch {wrong[:3]}; was it written for"
+            " another model or config?"
+        )
+    model.load_state_dict(tensors)
+
+
+def load_model(
+    path: str | os.PathLike, *, ema: bool = False, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild a model from a checkpoint (or run) directory alone; eval mode, on `device`."""
+    ckpt = read(path)
+    try:
+        model = model_from_config(ckpt.config["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}/config.json has no valid model config: {e}") from e
+    name = "ema.safetensors" if ema and (ckpt.path / "ema.safetensors").exists() else \
+        "model.safetensors"
+    load_weights(model, read_tensors(ckpt, name), ckpt.path / name)
+    return model.to(device).eval(), ckpt
