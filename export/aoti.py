@@ -1,0 +1,162 @@
+"""AOTInductor export: a checkpoint's decoder as a self-contained `.pt2` package.
+
+    python -m export.aoti runs/mnist-mlp              # -> runs/mnist-mlp/export/decoder.pt2
+    python -m export.aoti runs/mnist-mlp/best --out out/ --device cuda --parts decoder,encoder
+
+torch.export traces the export view (`model.export_parts()`) with a dynamic batch `Dim`, then
+`torch._inductor.aoti_compile_and_package` compiles it for one device (a CUDA package runs on
+CUDA only). The weights are compiled into the shared library (`package_constants_in_so`), so the
+.pt2 is the only file needed. The package embeds `export.manifest.aoti_metadata()`, a string map
+the C++ runner reads with `AOTIModelPackageLoader::get_metadata()`, e.g. for an MLP decoder:
+
+    {"latent_shape": "20", "output_shape": "1,28,28", "input_names": "z", "conditional": "0",
+     "num_classes": "0", "latent_kind": "gaussian", "latent_dtype": "float32", ...}
+
+Python loads it with `torch._inductor.aoti_load_package(path)` (or `engine.runtime.Sampler`).
+After compiling, the package is loaded and checked against eager PyTorch at batches 1, 7, 256;
+the result goes into `<out>/manifest.json`. Works on torch 2.11 and 2.14 (config keys that a
+version does not know are left out, see `_inductor_configs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import manifest
+from export.common import (
+    PARITY_BATCHES,
+    ExportError,
+    as_tuple,
+    check_parity,
+    default_export_dir,
+    load_source,
+    parse_parts,
+)
+
+
+def dynamic_shapes(part: Any) -> tuple[dict[int, Any], ...]:
+    """Positional dynamic shapes: one `Dim` per axis name, shared across inputs."""
+    dims: dict[str, Any] = {}
+    spec = []
+    for name in part.input_names:
+        axes = part.dynamic_axes.get(name, {0: "batch"})
+        spec.append({i: dims.setdefault(a, torch.export.Dim(a, min=1)) for i, a in axes.items()})
+    return tuple(spec)
+
+
+def export_program(part: Any) -> torch.export.ExportedProgram:
+    """torch.export of an ExportPart with its dynamic axes (batch >= 1)."""
+    module = part.module.eval()
+    with torch.no_grad():
+        return torch.export.export(module, tuple(part.example_inputs),
+                                   dynamic_shapes=dynamic_shapes(part))
+
+
+def _inductor_configs(metadata: dict[str, str]) -> dict[str, Any]:
+    """Inductor options this torch version accepts (unknown keys raise in aoti_compile)."""
+    from torch._inductor import config as inductor_config
+
+    wanted = {"aot_inductor.package_constants_in_so": True, "aot_inductor.metadata": metadata}
+    return {k: v for k, v in wanted.items()
+            if hasattr(inductor_config.aot_inductor, k.split(".", 1)[1])}
+
+
+def compile_package(program: torch.export.ExportedProgram, path: Path,
+                    metadata: dict[str, str]) -> Path:
+    """Compile and write `path` atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp), inductor_configs=_inductor_configs(metadata))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def export_part(source: Any, name: str, out_dir: Path, device: str,
+                batches: tuple[int, ...] = PARITY_BATCHES) -> tuple[Path, dict, dict]:
+    """Export one part; returns (path, manifest entry, model section)."""
+    parts = source.model.export_parts()
+    part = parts[name]
+    examples = tuple(t.to(device) for t in part.example_inputs)
+    part = type(part)(**{**part.__dict__, "example_inputs": examples})
+    with torch.no_grad():
+        outputs = as_tuple(part.module(*examples))
+    inputs = manifest.tensor_specs(part.input_names, examples, part.dynamic_axes)
+    outs = manifest.tensor_specs(part.output_names, outputs, {})
+    model = _model_section(source, parts, device)
+    meta = manifest.aoti_metadata(model, name, inputs, outs, device)
+    t0 = time.perf_counter()
+    path = compile_package(export_program(part), out_dir / f"{name}.pt2", meta)
+    seconds = time.perf_counter() - t0
+    runner = torch._inductor.aoti_load_package(str(path))
+    parity = check_parity(path.name, part.module, runner, part.input_names, examples,
+                          source.config, "fp32", batches)
+    settings = {"torch": torch.__version__, "compile_seconds": round(seconds, 1),
+                "inductor_configs": sorted(_inductor_configs({}))}
+    entry = manifest.artifact_entry(path, name, "aoti", inputs=inputs, outputs=outs,
+                                    precision="fp32", device=device, settings=settings,
+                                    parity=parity, source=source.provenance())
+    return path, entry, model
+
+
+def _model_section(source: Any, parts: dict, device: str) -> dict:
+    dec = parts["decoder"]
+    examples = tuple(t.to(device) for t in dec.example_inputs)
+    with torch.no_grad():
+        outputs = as_tuple(dec.module(*examples))
+    return manifest.model_section(
+        source.config, manifest.tensor_specs(dec.input_names, examples, dec.dynamic_axes),
+        manifest.tensor_specs(dec.output_names, outputs, {}))
+
+
+def export_aoti(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+                device: str = "cpu", parts: str | None = "decoder",
+                batches: tuple[int, ...] = PARITY_BATCHES) -> dict[str, Path]:
+    """Compile the chosen parts of a checkpoint to `<out>/<part>.pt2`; update the manifest."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("--device cuda: no CUDA device is visible; use --device cpu")
+    source = load_source(checkpoint, device=device)
+    out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
+    names = parse_parts(parts, list(source.model.export_parts()))
+    written, entries, model = {}, {}, None
+    for name in names:
+        path, entry, model = export_part(source, name, out_dir, device, batches)
+        written[name], entries[path.name] = path, entry
+    manifest.update(out_dir, model, entries)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.aoti", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="checkpoint directory or run directory")
+    ap.add_argument("--out", default=None, help="export directory (default <run_dir>/export)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--parts", default="decoder", help="comma-separated parts (default decoder)")
+    ap.add_argument("--parity-batches", default=",".join(map(str, PARITY_BATCHES)))
+    args = ap.parse_args(argv)
+    from engine.checkpoint import CheckpointError
+
+    try:
+        batches = tuple(int(b) for b in args.parity_batches.split(","))
+        written = export_aoti(args.checkpoint, args.out, args.device, args.parts, batches)
+    except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in written.items():
+        print(f"wrote {name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

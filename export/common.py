@@ -1,0 +1,177 @@
+"""Shared pieces of the exporters: load a checkpoint, make parity inputs, check parity.
+
+Every exporter (ONNX, AOTInductor) runs the same check: the exported graph and the eager
+PyTorch export view (`model.export_parts()[part].module`) see the same fresh random inputs at
+several batch sizes, and the worst error is printed and recorded in the manifest.
+
+    max_abs = max |got - ref|
+    max_rel = max_abs / max(|ref|max, 1e-12)       (relative to the output's scale)
+    mismatch = fraction of differing elements       (integer outputs, e.g. VQ codes)
+
+The check fails (ExportError, non-zero exit) when max_abs > TOLERANCE[precision] * max(1,
+|ref|max), or when the mismatch fraction of integer outputs exceeds CODE_MISMATCH[precision].
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PARITY_BATCHES = (1, 7, 256)
+
+# Allowed max |got - ref| / max(1, |ref|max) against the fp32 eager model:
+#   fp32: ONNX Runtime / Inductor reorder sums and fuse ops; observed errors are ~1e-7 to
+#         1e-6 on sigmoid outputs, so 1e-4 catches real bugs (a wrong op is > 1e-2).
+#   fp16: weights and activations rounded to a 10-bit mantissa through a few layers; one
+#         rounding is ~5e-4 relative and errors compound over ~5 layers, hence 2e-2.
+#   bf16: 7-bit mantissa, ~8x fp16's error.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1}
+# Allowed fraction of differing integer outputs (argmin codes flip on near-ties when the
+# distances are rounded differently; random weights make near-ties common in fp16).
+CODE_MISMATCH = {"fp32": 1e-3, "fp16": 0.1, "bf16": 0.25}
+
+
+class ExportError(RuntimeError):
+    """An export that failed, or whose parity check is outside tolerance."""
+
+
+@dataclass
+class Source:
+    """A loaded checkpoint: the model (eval mode), its config dict and provenance."""
+
+    model: torch.nn.Module
+    config: dict[str, Any]
+    checkpoint: Path
+    step: int
+
+    def provenance(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "step": self.step}
+
+
+def load_source(path: str | os.PathLike, device: str = "cpu") -> Source:
+    from engine.checkpoint import load_model
+
+    model, ckpt = load_model(path, device=device)
+    if not hasattr(model, "export_parts"):
+        raise ExportError(f"{type(model).__name__} has no export_parts(); it cannot be exported")
+    return Source(model, ckpt.config["model"], ckpt.path, ckpt.step)
+
+
+def default_export_dir(checkpoint: Path) -> Path:
+    """`<run_dir>/export`: checkpoints live in a run directory (run/last, run/best, ...)."""
+    return checkpoint.parent / "export"
+
+
+def parse_parts(text: str | None, available: Sequence[str]) -> list[str]:
+    if text is None:
+        return list(available)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in available]
+    if unknown or not parts:
+        raise ExportError(
+            f"unknown part(s) {unknown or text!r}; this model exports: {', '.join(available)}"
+        )
+    return parts
+
+
+def int_input_bound(name: str, example: Tensor, config: dict[str, Any]) -> int:
+    """Exclusive upper bound of an integer input: labels < num_classes, codes < num_codes."""
+    for key in ("num_classes", "num_codes") if name in ("y", "labels") else ("num_codes",):
+        if int(config.get(key, 0) or 0) > 0:
+            return int(config[key])
+    return int(example.max().item()) + 1
+
+
+def random_inputs(
+    names: Sequence[str], examples: Sequence[Tensor], config: dict[str, Any], batch: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, ...]:
+    """Fresh inputs like the part's examples at batch size `batch` (batch axis 0)."""
+    out = []
+    for name, ex in zip(names, examples):
+        shape = (batch, *ex.shape[1:])
+        if ex.dtype.is_floating_point:
+            t = torch.randn(shape, generator=generator).to(ex.dtype)
+        else:
+            bound = int_input_bound(name, ex, config)
+            t = torch.randint(bound, shape, generator=generator).to(ex.dtype)
+        out.append(t.to(ex.device))
+    return tuple(out)
+
+
+def as_tuple(outputs: Any) -> tuple[Tensor, ...]:
+    if isinstance(outputs, Tensor):
+        return (outputs,)
+    if isinstance(outputs, dict):
+        return tuple(outputs.values())
+    return tuple(outputs)
+
+
+def compare(ref: Sequence[Tensor], got: Sequence[Tensor]) -> dict[str, float]:
+    """Worst error over all outputs: max_abs / max_rel for floats, mismatch for integers."""
+    if len(ref) != len(got):
+        raise ExportError(f"parity: expected {len(ref)} outputs, the export gave {len(got)}")
+    stats = {"max_abs": 0.0, "max_rel": 0.0, "scale": 0.0, "mismatch": 0.0}
+    for r, g in zip(ref, got):
+        g = torch.as_tensor(g).to(r.device)
+        if tuple(r.shape) != tuple(g.shape):
+            raise ExportError(f"parity: expected an output of shape {tuple(r.shape)}, got"
+                              f" {tuple(g.shape)}")
+        if not r.dtype.is_floating_point:
+            frac = (r != g.to(r.dtype)).double().mean().item() if r.numel() else 0.0
+            stats["mismatch"] = max(stats["mismatch"], frac)
+            continue
+        r64, g64 = r.double(), g.double()
+        err = (g64 - r64).abs().max().item() if r.numel() else 0.0
+        scale = r64.abs().max().item() if r.numel() else 0.0
+        stats["max_abs"] = max(stats["max_abs"], err)
+        stats["max_rel"] = max(stats["max_rel"], err / max(scale, 1e-12))
+        stats["scale"] = max(stats["scale"], scale)
+    return stats
+
+
+def check_parity(
+    label: str,
+    reference: Callable[..., Any],
+    exported: Callable[..., Any],
+    names: Sequence[str],
+    examples: Sequence[Tensor],
+    config: dict[str, Any],
+    precision: str = "fp32",
+    batches: Sequence[int] = PARITY_BATCHES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run both callables on the same random inputs per batch size; print; raise if off."""
+    gen = torch.Generator().manual_seed(seed)
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "scale": 0.0, "mismatch": 0.0}
+    lines = []
+    for b in batches:
+        inputs = random_inputs(names, examples, config, b, gen)
+        with torch.no_grad():
+            ref = as_tuple(reference(*inputs))
+        got = as_tuple(exported(*inputs))
+        s = compare(ref, got)
+        worst = {k: max(worst[k], s[k]) for k in worst}
+        lines.append(f"batch {b}: max_abs {s['max_abs']:.3e} max_rel {s['max_rel']:.3e}"
+                     + (f" code mismatch {s['mismatch']:.2%}" if s["mismatch"] else ""))
+    tol, code_tol = TOLERANCE[precision], CODE_MISMATCH[precision]
+    bound = tol * max(1.0, worst["scale"])
+    ok = worst["max_abs"] <= bound and worst["mismatch"] <= code_tol
+    print(f"{label} parity vs PyTorch ({precision}): " + "; ".join(lines)
+          + (" -> OK" if ok else " -> FAILED"))
+    result = {"batches": list(batches), "precision": precision, "max_abs": worst["max_abs"],
+              "max_rel": worst["max_rel"], "code_mismatch": worst["mismatch"],
+              "tolerance": tol, "code_mismatch_tolerance": code_tol, "passed": ok}
+    if not ok:
+        raise ExportError(
+            f"{label}: parity check failed: max_abs {worst['max_abs']:.3e} (allowed {bound:.1e}),"
+            f" code mismatch {worst['mismatch']:.2%} (allowed {code_tol:.1%}) against the PyTorch"
+            " model; the export is wrong or the tolerance is too tight for this precision"
+        )
+    return result

@@ -1,0 +1,197 @@
+"""manifest.json of an export directory: what each artifact is and how it was checked.
+
+Both exporters (export.onnx, export.aoti) and export.tensorrt add their entries through
+`update()`, a locked read-modify-write followed by an atomic replace, so concurrent exporters
+into one directory never lose each other's entries. Layout (format 1):
+
+    {
+      "format": 1,
+      "model": {
+        "config": {...},              # the checkpoint's model config; rebuilds the model
+        "family": "mlp",
+        "latent": {"kind": "gaussian" | "codes", "shape": [20], "dtype": "float32",
+                   "num_codes": 0},
+        "output_shape": [1, 28, 28],  # decoder output per item
+        "conditional": false, "num_classes": 0
+      },
+      "artifacts": {
+        "decoder.onnx": {
+          "part": "decoder", "format": "onnx" | "aoti" | "tensorrt", "file": "decoder.onnx",
+          "sha256": "...", "bytes": 1234, "precision": "fp32", "device": "cpu",
+          "inputs":  [{"name": "z", "shape": ["batch", 20], "dtype": "float32",
+                       "dynamic_axes": {"0": "batch"}}],
+          "outputs": [{"name": "images", "shape": ["batch", 1, 28, 28], ...}],
+          "batch_range": [1, null],    # [min, max]; null = unbounded
+          "settings": {...},           # opset, fp16, optimizer, torch version, ...
+          "source": {"checkpoint": "...", "step": 1200},
+          "parity": {"max_abs": ..., "max_rel": ..., "batches": [1, 7, 256], ...}
+        }
+      }
+    }
+
+`aoti_metadata()` flattens the model section into the string map that AOTInductor embeds in a
+.pt2 (read in C++ through AOTIModelPackageLoader::get_metadata()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.checkpoint import atomic_write_json, sha256
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_LOCK = ".manifest.lock"
+
+
+class ManifestError(RuntimeError):
+    """A manifest that is missing, corrupt or of an unknown format."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_specs(
+    names: Sequence[str], tensors: Sequence[Tensor], dynamic_axes: dict[str, dict[int, str]]
+) -> list[dict[str, Any]]:
+    """One spec per tensor: name, shape with dynamic axes named, dtype, dynamic axes."""
+    specs = []
+    for name, t in zip(names, tensors):
+        axes = dynamic_axes.get(name, {0: "batch"})
+        shape = [axes.get(i, int(d)) for i, d in enumerate(t.shape)]
+        specs.append({"name": name, "shape": shape, "dtype": dtype_name(t.dtype),
+                      "dynamic_axes": {str(k): v for k, v in axes.items()}})
+    return specs
+
+
+def model_section(config: dict[str, Any], decoder_inputs: list[dict], decoder_outputs: list[dict]
+                  ) -> dict[str, Any]:
+    """The model description every artifact shares, from the decoder part's specs."""
+    latent = decoder_inputs[0]
+    is_codes = not latent["dtype"].startswith(("float", "bfloat"))
+    label_inputs = [s["name"] for s in decoder_inputs[1:]]
+    return {
+        "config": config,
+        "family": config.get("family", ""),
+        "latent": {"kind": "codes" if is_codes else "gaussian", "name": latent["name"],
+                   "shape": latent["shape"][1:], "dtype": latent["dtype"],
+                   "num_codes": int(config.get("num_codes", 0) or 0) if is_codes else 0},
+        "output_shape": decoder_outputs[0]["shape"][1:],
+        "conditional": bool(label_inputs),
+        "label_input": label_inputs[0] if label_inputs else None,
+        "num_classes": int(config.get("num_classes", 0) or 0),
+    }
+
+
+def artifact_entry(path: Path, part: str, fmt: str, *, inputs: list[dict], outputs: list[dict],
+                   precision: str, device: str, settings: dict[str, Any],
+                   parity: dict[str, Any] | None, source: dict[str, Any] | None = None,
+                   batch_range: tuple[int, int | None] = (1, None)) -> dict[str, Any]:
+    path = Path(path)
+    return {"part": part, "format": fmt, "file": path.name, "sha256": sha256(path),
+            "bytes": path.stat().st_size, "precision": precision, "device": device,
+            "inputs": inputs, "outputs": outputs, "batch_range": list(batch_range),
+            "settings": settings, "source": source or {}, "parity": parity}
+
+
+# --- reading and updating --------------------------------------------------------------------
+def read(export_dir: str | os.PathLike, *, missing_ok: bool = True) -> dict[str, Any]:
+    path = Path(export_dir) / MANIFEST
+    if not path.exists():
+        if missing_ok:
+            return {"format": FORMAT, "model": None, "artifacts": {}}
+        raise ManifestError(f"no {MANIFEST} in {export_dir}: export there first"
+                            " (python -m export.onnx CKPT --out DIR)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON ({e}); re-run the export to rewrite it"
+                            ) from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ManifestError(f"{path}: expected manifest format {FORMAT}, got"
+                            f" {data.get('format') if isinstance(data, dict) else type(data)}")
+    data.setdefault("artifacts", {})
+    return data
+
+
+@contextlib.contextmanager
+def _locked(export_dir: Path) -> Iterator[None]:
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with open(export_dir / _LOCK, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def update(export_dir: str | os.PathLike, model: dict[str, Any] | None,
+           artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Add or replace `artifacts` (file name -> entry); returns the manifest written.
+
+    When `model` describes another model config than the manifest's, the old entries are
+    stale (their files are about to be or were overwritten): they are dropped, with a warning.
+    """
+    export_dir = Path(export_dir)
+    with _locked(export_dir):
+        data = read(export_dir)
+        if model is not None:
+            old = data.get("model")
+            if old is not None and old.get("config") != model.get("config"):
+                stale = sorted(set(data["artifacts"]) - set(artifacts))
+                if stale:
+                    print(f"warning: {export_dir / MANIFEST} described another model config;"
+                          f" dropping its entries {stale}", file=sys.stderr)
+                data["artifacts"] = {}
+            data["model"] = model
+        data["artifacts"].update(artifacts)
+        atomic_write_json(export_dir / MANIFEST, data)
+        return data
+
+
+def find(manifest: dict[str, Any], part: str = "decoder",
+         formats: Sequence[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(file, entry) of `part`, in the order of `formats` when given."""
+    items = [(f, e) for f, e in manifest.get("artifacts", {}).items() if e.get("part") == part]
+    if formats is None:
+        return items
+    return sorted([it for it in items if it[1].get("format") in formats],
+                  key=lambda it: list(formats).index(it[1]["format"]))
+
+
+# --- AOTInductor package metadata -------------------------------------------------------------
+def aoti_metadata(model: dict[str, Any], part: str, inputs: list[dict], outputs: list[dict],
+                  device: str, precision: str = "fp32") -> dict[str, str]:
+    """String map embedded in a .pt2 (`aot_inductor.metadata`). Keys (all strings):
+
+    vae_engine_format "1"; part "decoder"; family; device "cpu"|"cuda"; precision "fp32";
+    latent_kind "gaussian"|"codes"; latent_shape "20" or "7,7"; latent_dtype "float32"|"int64";
+    output_shape "1,28,28"; input_names "z" or "z,y"; output_names "images";
+    conditional "0"|"1"; num_classes "0"|"10"; num_codes "0"|"64";
+    min_batch "1"; max_batch "0" (0 = unbounded); model_config (JSON).
+    """
+    join = lambda xs: ",".join(str(x) for x in xs)
+    latent = model["latent"]
+    return {
+        "vae_engine_format": str(FORMAT), "part": part, "family": model["family"],
+        "device": device, "precision": precision,
+        "latent_kind": latent["kind"], "latent_shape": join(latent["shape"]),
+        "latent_dtype": latent["dtype"], "output_shape": join(model["output_shape"]),
+        "input_names": join(s["name"] for s in inputs),
+        "output_names": join(s["name"] for s in outputs),
+        "conditional": "1" if model["conditional"] else "0",
+        "num_classes": str(model["num_classes"]), "num_codes": str(latent["num_codes"]),
+        "min_batch": "1", "max_batch": "0",
+        "model_config": json.dumps(model["config"], sort_keys=True),
+    }
