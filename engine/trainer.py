@@ -331,6 +331,10 @@ class Trainer:
 
     def _save(self, name: str) -> None:
         run = self.run
+        if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+            raise TrainingDiverged(
+                f"parameters became NaN/inf at step {self.step}; not overwriting {name}/ (the"
+                " last good checkpoint is kept). Try a lower --lr or --grad-clip 1.0")
         tensors: dict[str, Tensor] = {}
         state = {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,

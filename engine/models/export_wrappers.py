@@ -6,6 +6,8 @@ TensorRT ignores RandomNormal's seed. Labels of conditional models are int64 inp
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -97,3 +99,21 @@ def vq_parts(model: nn.Module, batch: int = 2) -> dict[str, ExportPart]:
         "encoder": ExportPart(CodeEncoderView(model), (x,), ("images",), ("codes",),
                               {"images": BATCH}, "images -> codes"),
     }
+
+
+class CastView(nn.Module):
+    """Runs an export view in `dtype` (fp16/bf16) while its float inputs and outputs stay fp32:
+    the casts sit at the graph boundary, so runtimes feed and read the same tensors at any
+    precision. Integer inputs (labels, codes) and outputs (codes) pass through unchanged."""
+
+    def __init__(self, view: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.view = copy.deepcopy(view).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        cast = tuple(t.to(self.dtype) if t.is_floating_point() else t for t in inputs)
+        out = self.view(*cast)
+        if isinstance(out, Tensor):
+            return out.float() if out.is_floating_point() else out
+        return tuple(t.float() if t.is_floating_point() else t for t in out)

@@ -9,6 +9,7 @@ Lookups are exact; an unknown name raises a ValueError that lists the valid name
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -45,10 +46,8 @@ def _ensure_registered() -> None:
     # Importing the family modules registers them (kept lazy so `registry` has no cycles).
     from engine.models import conv, mlp, vq  # noqa: F401
 
-    try:
+    with contextlib.suppress(ImportError):  # the crystal family needs no extra at import
         from engine.models import crystal  # noqa: F401
-    except ImportError:  # the crystal family is optional until its module lands
-        pass
 
 
 def get_family(name: str) -> Family:
@@ -56,6 +55,12 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
+
+
+def list_presets() -> dict[str, str]:
+    """Every preset name -> its family."""
+    _ensure_registered()
+    return {name: family for name, (family, _) in PRESETS.items()}
 
 
 def presets_for(family: str) -> list[str]:
