@@ -6,7 +6,7 @@
 torch.export traces the export view (`model.export_parts()`) with a dynamic batch `Dim`, then
 `torch._inductor.aoti_compile_and_package` compiles it for one device (a CUDA package runs on
 CUDA only). The weights are compiled into the shared library (`package_constants_in_so`), so the
-.pt2 is the only file needed. The package embeds `export.manifest.aoti_metadata()`, a string map
+.pt2 is the only file needed. The package embeds `export.manifest.artifact_metadata()`, a string map
 the C++ runner reads with `AOTIModelPackageLoader::get_metadata()`, e.g. for an MLP decoder:
 
     {"latent_shape": "20", "output_shape": "1,28,28", "input_names": "z", "conditional": "0",
@@ -33,11 +33,13 @@ from export import manifest
 from export.common import (
     PARITY_BATCHES,
     ExportError,
-    as_tuple,
     check_parity,
     default_export_dir,
     load_source,
+    model_description,
+    on_device,
     parse_parts,
+    part_specs,
 )
 
 
@@ -85,39 +87,25 @@ def compile_package(program: torch.export.ExportedProgram, path: Path,
 
 def export_part(source: Any, name: str, out_dir: Path, device: str,
                 batches: tuple[int, ...] = PARITY_BATCHES) -> tuple[Path, dict, dict]:
-    """Export one part; returns (path, manifest entry, model section)."""
-    parts = source.model.export_parts()
+    """Compile one part to `<out_dir>/<name>.pt2`; returns (path, manifest entry, model section)."""
+    parts = {k: on_device(p, device) for k, p in source.model.export_parts().items()}
     part = parts[name]
-    examples = tuple(t.to(device) for t in part.example_inputs)
-    part = type(part)(**{**part.__dict__, "example_inputs": examples})
-    with torch.no_grad():
-        outputs = as_tuple(part.module(*examples))
-    inputs = manifest.tensor_specs(part.input_names, examples, part.dynamic_axes)
-    outs = manifest.tensor_specs(part.output_names, outputs, {})
-    model = _model_section(source, parts, device)
-    meta = manifest.aoti_metadata(model, name, inputs, outs, device)
+    part.module.eval()
+    inputs, outputs = part_specs(part)
+    model = model_description(source, parts)
+    meta = manifest.artifact_metadata(model, name, inputs, outputs, device)
     t0 = time.perf_counter()
     path = compile_package(export_program(part), out_dir / f"{name}.pt2", meta)
     seconds = time.perf_counter() - t0
     runner = torch._inductor.aoti_load_package(str(path))
-    parity = check_parity(path.name, part.module, runner, part.input_names, examples,
+    parity = check_parity(path.name, part.module, runner, part.input_names, part.example_inputs,
                           source.config, "fp32", batches)
     settings = {"torch": torch.__version__, "compile_seconds": round(seconds, 1),
                 "inductor_configs": sorted(_inductor_configs({}))}
-    entry = manifest.artifact_entry(path, name, "aoti", inputs=inputs, outputs=outs,
+    entry = manifest.artifact_entry(path, name, "aoti", inputs=inputs, outputs=outputs,
                                     precision="fp32", device=device, settings=settings,
                                     parity=parity, source=source.provenance())
     return path, entry, model
-
-
-def _model_section(source: Any, parts: dict, device: str) -> dict:
-    dec = parts["decoder"]
-    examples = tuple(t.to(device) for t in dec.example_inputs)
-    with torch.no_grad():
-        outputs = as_tuple(dec.module(*examples))
-    return manifest.model_section(
-        source.config, manifest.tensor_specs(dec.input_names, examples, dec.dynamic_axes),
-        manifest.tensor_specs(dec.output_names, outputs, {}))
 
 
 def export_aoti(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,

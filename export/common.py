@@ -14,6 +14,7 @@ The check fails (ExportError, non-zero exit) when max_abs > TOLERANCE[precision]
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,32 @@ class Source:
 
     def provenance(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "step": self.step}
+
+
+def on_device(part: Any, device: str) -> Any:
+    """The ExportPart with its example inputs moved to `device` (module moves with the model)."""
+    examples = tuple(t.to(device) for t in part.example_inputs)
+    return dataclasses.replace(part, example_inputs=examples)
+
+
+def part_specs(part: Any) -> tuple[list[dict], list[dict]]:
+    """(input specs, output specs) of an ExportPart, outputs from one eager run."""
+    from export import manifest
+
+    with torch.no_grad():
+        outputs = as_tuple(part.module(*part.example_inputs))
+    return (manifest.tensor_specs(part.input_names, part.example_inputs, part.dynamic_axes),
+            manifest.tensor_specs(part.output_names, outputs, {}))
+
+
+def model_description(source: Source, parts: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's model section, from the decoder part (every family exports one)."""
+    from export import manifest
+
+    if "decoder" not in parts:
+        raise ExportError(f"{source.config.get('family')}: export_parts() has no 'decoder' part;"
+                          f" got {sorted(parts)}")
+    return manifest.model_section(source.config, *part_specs(parts["decoder"]))
 
 
 def load_source(path: str | os.PathLike, device: str = "cpu") -> Source:

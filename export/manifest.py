@@ -29,8 +29,9 @@ into one directory never lose each other's entries. Layout (format 1):
       }
     }
 
-`aoti_metadata()` flattens the model section into the string map that AOTInductor embeds in a
-.pt2 (read in C++ through AOTIModelPackageLoader::get_metadata()).
+`artifact_metadata()` flattens the model section into the string map that AOTInductor embeds
+in a .pt2 (read in C++ through AOTIModelPackageLoader::get_metadata()) and that ONNX files
+carry as metadata_props.
 """
 
 from __future__ import annotations
@@ -170,10 +171,12 @@ def find(manifest: dict[str, Any], part: str = "decoder",
                   key=lambda it: list(formats).index(it[1]["format"]))
 
 
-# --- AOTInductor package metadata -------------------------------------------------------------
-def aoti_metadata(model: dict[str, Any], part: str, inputs: list[dict], outputs: list[dict],
+# --- metadata embedded in the artifacts -----------------------------------------------------
+def artifact_metadata(model: dict[str, Any], part: str, inputs: list[dict], outputs: list[dict],
                   device: str, precision: str = "fp32") -> dict[str, str]:
-    """String map embedded in a .pt2 (`aot_inductor.metadata`). Keys (all strings):
+    """String map embedded in a .pt2 (`aot_inductor.metadata`) and in ONNX metadata_props.
+
+    Keys (all values are strings):
 
     vae_engine_format "1"; part "decoder"; family; device "cpu"|"cuda"; precision "fp32";
     latent_kind "gaussian"|"codes"; latent_shape "20" or "7,7"; latent_dtype "float32"|"int64";

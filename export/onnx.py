@@ -1,0 +1,196 @@
+"""ONNX export of every part of a checkpoint, each checked against PyTorch.
+
+    python -m export.onnx runs/mnist-conv                    # -> runs/mnist-conv/export/*.onnx
+    python -m export.onnx runs/mnist-conv/best --out out/ --parts decoder --fp16
+
+Parts come from `model.export_parts()`: decoder.onnx (z [+ y] -> images, or codes -> images for
+the VQ-VAE), encoder.onnx (images [+ y] -> mu, logvar, or images -> codes), and whatever another
+family declares. Each graph:
+  - is exported with torch.onnx.export(dynamo=True) at opset DEFAULT_OPSET (20: the exporter's
+    default in torch 2.11-2.14; ONNX Runtime >= 1.17 and TensorRT 10 parse it), with a dynamic
+    batch axis, weights inside the file (no .onnx.data);
+  - is simplified by the onnxscript optimizer (constant folding, dead code; the node counts before
+    and after are recorded in the manifest);
+  - holds no random op (scanned: Random*, Bernoulli, Multinomial); the noise is an input;
+  - carries metadata_props: the model config JSON, latent shape, output shape, input names, ...
+    (`export.manifest.artifact_metadata`);
+  - is run by ONNX Runtime (CPU) against the eager model at batches 1, 7, 256; the errors are
+    printed, and above tolerance the command fails with exit code 1.
+--fp16 writes <part>.fp16.onnx: weights and compute in fp16, inputs and outputs stay fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.checkpoint import atomic_write_bytes
+from engine.models.export_wrappers import CastView
+from export import manifest
+from export.common import (
+    PARITY_BATCHES,
+    ExportError,
+    check_parity,
+    default_export_dir,
+    load_source,
+    model_description,
+    parse_parts,
+    part_specs,
+)
+
+DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the dynamo exporter emits opset 18 and later
+RANDOM_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+              "Bernoulli", "Multinomial")
+
+
+def _all_nodes(graph: Any):
+    """Nodes of a graph and of its subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+def random_ops(model: Any) -> list[str]:
+    """op_types of random nodes anywhere in the model (graph, subgraphs, local functions)."""
+    nodes = list(_all_nodes(model.graph))
+    for fn in model.functions:
+        nodes += list(fn.node)
+    return sorted({n.op_type for n in nodes if n.op_type in RANDOM_OPS
+                   or n.op_type.startswith("Random")})
+
+
+def to_onnx(part: Any, opset: int, fp16: bool, optimize: bool = True) -> tuple[Any, dict]:
+    """torch.onnx.export of an ExportPart -> (onnx.ModelProto, settings)."""
+    module = CastView(part.module, torch.float16) if fp16 else part.module
+    batch = torch.export.Dim("batch", min=1)
+    per_input = tuple({i: batch for i in part.dynamic_axes.get(n, {0: "batch"})}
+                      for n in part.input_names)
+    # CastView takes *inputs: torch.export wants the varargs' shapes nested one level down.
+    shapes = (per_input,) if fp16 else per_input
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(), tuple(part.example_inputs), dynamo=True, opset_version=opset,
+            input_names=list(part.input_names), output_names=list(part.output_names),
+            dynamic_shapes=shapes, external_data=False, optimize=False, verbose=False)
+        before = len(program.model_proto.graph.node)
+        if optimize:
+            program.optimize()
+    proto = program.model_proto
+    settings = {"opset": opset, "fp16": fp16, "optimize": optimize, "exporter": "dynamo",
+                "torch": torch.__version__, "nodes_before_optimize": before,
+                "nodes": len(proto.graph.node)}
+    return proto, settings
+
+
+def finish(proto: Any, metadata: dict[str, str], label: str) -> bytes:
+    """Check the graph, refuse random ops, attach metadata; serialized bytes."""
+    import onnx
+
+    found = random_ops(proto)
+    if found:
+        raise ExportError(f"{label}: the graph contains random ops {found}; keep the noise a"
+                          " graph input (TensorRT ignores their seeds), e.g. pass z instead of"
+                          " sampling it inside forward()")
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "vae-engine"
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def ort_runner(path: Path):
+    """Callable running an ONNX file on the ONNX Runtime CPU provider, torch in and out."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        feed = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(names, inputs)}
+        return [torch.from_numpy(o) for o in session.run(None, feed)]
+
+    return run
+
+
+def export_part(source: Any, parts: dict, name: str, out_dir: Path, opset: int, fp16: bool,
+                batches: tuple[int, ...] = PARITY_BATCHES) -> tuple[Path, dict]:
+    """Write `<out_dir>/<name>[.fp16].onnx` and check it; returns (path, manifest entry)."""
+    part = parts[name]
+    part.module.eval()
+    inputs, outputs = part_specs(part)
+    model = model_description(source, parts)
+    precision = "fp16" if fp16 else "fp32"
+    path = out_dir / (f"{name}.fp16.onnx" if fp16 else f"{name}.onnx")
+    proto, settings = to_onnx(part, opset, fp16)
+    meta = manifest.artifact_metadata(model, name, inputs, outputs, "any", precision)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, finish(proto, meta, path.name))
+    parity = check_parity(path.name, part.module, ort_runner(path), part.input_names,
+                          part.example_inputs, source.config, precision, batches)
+    import onnxruntime
+
+    settings["onnxruntime_checked"] = onnxruntime.__version__
+    entry = manifest.artifact_entry(path, name, "onnx", inputs=inputs, outputs=outputs,
+                                    precision=precision, device="any", settings=settings,
+                                    parity=parity, source=source.provenance())
+    return path, entry
+
+
+def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+                opset: int = DEFAULT_OPSET, fp16: bool = False, parts: str | None = None,
+                batches: tuple[int, ...] = PARITY_BATCHES) -> dict[str, Path]:
+    """Export the chosen parts (default: all) of a checkpoint; update `<out>/manifest.json`."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
+    source = load_source(checkpoint)
+    out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
+    all_parts = source.model.export_parts()
+    written, entries = {}, {}
+    for name in parse_parts(parts, list(all_parts)):
+        path, entry = export_part(source, all_parts, name, out_dir, opset, fp16, batches)
+        written[name], entries[path.name] = path, entry
+    manifest.update(out_dir, model_description(source, all_parts), entries)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", help="checkpoint directory or run directory")
+    ap.add_argument("--out", default=None, help="export directory (default <run_dir>/export)")
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    ap.add_argument("--fp16", action="store_true", help="fp16 weights/compute, fp32 I/O")
+    ap.add_argument("--parts", default=None, help="comma-separated parts (default: all)")
+    ap.add_argument("--parity-batches", default=",".join(map(str, PARITY_BATCHES)))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    from engine.checkpoint import CheckpointError
+
+    try:
+        batches = tuple(int(b) for b in args.parity_batches.split(","))
+        written = export_onnx(args.checkpoint, args.out, args.opset, args.fp16, args.parts,
+                              batches)
+    except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in written.items():
+        print(f"wrote {name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
