@@ -278,18 +278,26 @@ class CrystalLoader:
     """Iterable of CrystalBatch with `__len__` and `set_epoch`; shuffling is seeded per epoch."""
 
     def __init__(self, dataset: CrystalDataset, batch_size: int, shuffle: bool, seed: int,
-                 drop_last: bool = False, augment_translate: bool = False) -> None:
+                 drop_last: bool = False, augment_translate: bool = False, rank: int = 0,
+                 world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.dataset, self.batch_size, self.shuffle = dataset, batch_size, shuffle
         self.seed, self.drop_last, self.augment_translate = seed, drop_last, augment_translate
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
+
+    def _num_items(self) -> int:
+        """Crystals this rank sees per epoch (every rank the same number, as DDP needs)."""
+        return len(self.dataset) // self.world_size if self.world_size > 1 else len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = self._num_items()
         if self.drop_last and n >= self.batch_size:
             return n // self.batch_size
         return -(-n // self.batch_size)
@@ -297,6 +305,8 @@ class CrystalLoader:
     def __iter__(self) -> Iterator[CrystalBatch]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.dataset)) if self.shuffle else np.arange(len(self.dataset))
+        if self.world_size > 1:  # the same permutation on every rank; each takes a stride
+            order = order[self.rank::self.world_size][:self._num_items()]
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             shift = rng.random((len(idx), 3)) if self.augment_translate else None
@@ -368,12 +378,14 @@ def lattice_stats(arrays: CrystalArrays) -> tuple[tuple[float, ...], tuple[float
 def build_crystal_data(dataset: str, batch_size: int, max_atoms: int = 20, seed: int = 0,
                        num_workers: int = 0, niggli: bool = True, augment_translate: bool = False,
                        cache_dir=None, train_split: str | None = None,
-                       eval_split: str | None = None, drop_last: bool = True):
+                       eval_split: str | None = None, drop_last: bool = True, rank: int = 0,
+                       world_size: int = 1):
     """DataBundle(train, val, test, info) for a CDVAE-format dataset (see the module docstring).
 
     info["model_overrides"] holds what the crystal model config needs from the data:
     max_atoms (the padded size), num_atoms_hist (training distribution of atom counts, indexed
-    by count), lattice_mean and lattice_std.
+    by count), lattice_mean and lattice_std. With world_size > 1 the training loader yields
+    this rank's shard; val and test are not sharded.
     """
     splits, mapping = resolve_splits(dataset, niggli, cache_dir, max(num_workers, 1),
                                      train_split, eval_split)
@@ -391,7 +403,9 @@ def build_crystal_data(dataset: str, batch_size: int, max_atoms: int = 20, seed:
     mean, std = lattice_stats(splits["train"])
     loaders = {k: CrystalLoader(CrystalDataset(a, pad_to), batch_size, shuffle=k == "train",
                                 seed=seed, drop_last=drop_last and k == "train",
-                                augment_translate=augment_translate and k == "train")
+                                augment_translate=augment_translate and k == "train",
+                                rank=rank if k == "train" else 0,
+                                world_size=world_size if k == "train" else 1)
                for k, a in splits.items()}
     info = {"kind": "crystal", "dataset": str(dataset), "dataset_size": len(splits["train"]),
             "max_atoms": pad_to, "splits": mapping, "skipped": skipped,

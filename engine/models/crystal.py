@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -325,18 +326,18 @@ class CrystalVAE(nn.Module):
         return crystal_export_parts(self)
 
     def epoch_artifacts(self, batch, out_dir, epoch: int, count: int = 4) -> None:
-        """Write `count` inputs, their reconstructions and prior samples as CIFs under
-        out_dir/epoch_NNN/."""
+        """Write `count` inputs and their reconstructions as CIFs under out_dir/recon/epoch_NNN/
+        and `count` prior samples under out_dir/samples/epoch_NNN/ (seed = epoch)."""
         from engine.crystal.structures import batch_to_structures, write_cifs
 
         was_training = self.training
         self.eval()
         try:
             small = _take(batch, count).to(self._device())
-            target = out_dir / f"epoch_{epoch:03d}"
-            write_cifs(batch_to_structures(small), target, "input")
-            write_cifs(batch_to_structures(self.reconstruct(small)), target, "recon")
-            write_cifs(batch_to_structures(self.sample(count, seed=epoch)), target, "sample")
+            recon, samples = (Path(out_dir) / d / f"epoch_{epoch:03d}" for d in ("recon", "samples"))
+            write_cifs(batch_to_structures(small), recon, "input")
+            write_cifs(batch_to_structures(self.reconstruct(small)), recon, "recon")
+            write_cifs(batch_to_structures(self.sample(count, seed=epoch)), samples, "sample")
         finally:
             self.train(was_training)
 
