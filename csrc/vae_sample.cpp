@@ -6,9 +6,10 @@
 //
 // The package is what `python -m export.aoti` writes (torch.export + aoti_compile_and_package
 // of the decoder view, dynamic batch). Metadata embedded through inductor_configs
-// "aot_inductor.metadata" tells the runner the shapes: latent_shape "20", output_shape
-// "1,28,28", conditional "0"/"1", num_classes; AOTI_DEVICE_KEY ("cpu"/"cuda") is added by
-// Inductor. Random latents are torch::randn on a CPU generator seeded with --seed, drawn for
+// "aot_inductor.metadata" tells the runner what to feed it: latent_shape "20", output_shape
+// "1,28,28", conditional "0"/"1", num_classes, and optionally part "decoder", latent_dtype
+// "float32"/"int64" (VQ codes, drawn uniformly from num_codes), max_batch (0: unbounded);
+// AOTI_DEVICE_KEY ("cpu"/"cuda") is added by Inductor. Random gaussian latents are torch::randn on a CPU generator seeded with --seed, drawn for
 // all N at once, so they equal torch.randn((N, *latent), generator=torch.Generator().manual_seed(S))
 // in Python, whatever the device and the batch size.
 #include <ATen/ATen.h>
@@ -19,7 +20,6 @@
 #include <torch/cuda.h>
 
 #include <chrono>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -44,16 +44,18 @@ struct RunError : std::runtime_error {
 struct PackageInfo {
   std::string device = "cpu";
   std::optional<std::vector<int64_t>> latent_shape, output_shape;
+  bool codes = false;  // latent_dtype "int64": VQ code indices in [0, num_codes)
   bool conditional = false;
-  int64_t num_classes = 0;
+  int64_t num_classes = 0, num_codes = 0, max_batch = 0;
 };
 
 std::vector<int64_t> as_vector(at::IntArrayRef dims) { return {dims.begin(), dims.end()}; }
 
-std::string shape_of(int64_t batch, const std::vector<int64_t>& rest, const char* b = "N") {
-  std::string s = vae::npy::shape_str(rest);
-  const std::string head = batch < 0 ? std::string(b) : std::to_string(batch);
-  return "(" + head + (rest.empty() ? ",)" : ", " + s.substr(1));
+// "(N, 1, 28, 28)": a shape with a symbolic or concrete batch dimension, for messages.
+std::string shape_of(int64_t batch, const std::vector<int64_t>& rest) {
+  std::string s = "(" + (batch < 0 ? std::string("N") : std::to_string(batch));
+  for (int64_t d : rest) s += ", " + std::to_string(d);
+  return s + (rest.empty() ? ",)" : ")");
 }
 
 // "1,28,28", "(1, 28, 28)" or "[1, 28, 28]" -> {1, 28, 28}.
@@ -88,6 +90,14 @@ void check_package_file(const std::string& path) {
                    "export one with `python -m export.aoti CKPT`");
 }
 
+int64_t parse_count(const std::unordered_map<std::string, std::string>& meta, const char* key) {
+  const auto it = meta.find(key);
+  if (it == meta.end() || it->second.empty() || it->second == "0") return 0;
+  const std::vector<int64_t> v = parse_dims(key, it->second);
+  if (v.size() != 1) throw RunError(std::string("package metadata ") + key + " is not one int");
+  return v[0];
+}
+
 PackageInfo read_package_info(const std::string& path) {
   std::unordered_map<std::string, std::string> meta;
   try {
@@ -101,11 +111,20 @@ PackageInfo read_package_info(const std::string& path) {
   if (!get("AOTI_DEVICE_KEY").empty()) info.device = get("AOTI_DEVICE_KEY");
   if (!get("latent_shape").empty()) info.latent_shape = parse_dims("latent_shape", get("latent_shape"));
   if (!get("output_shape").empty()) info.output_shape = parse_dims("output_shape", get("output_shape"));
-  const std::string cond = get("conditional");
+  const std::string cond = get("conditional"), part = get("part"), dtype = get("latent_dtype");
   info.conditional = cond == "1" || cond == "true" || cond == "True";
-  if (!get("num_classes").empty()) info.num_classes = std::stoll(get("num_classes"));
+  info.codes = dtype == "int64";
+  if (!part.empty() && part != "decoder")
+    throw RunError("package '" + path + "' holds the " + part + " part; vae_sample runs decoders");
+  if (!dtype.empty() && dtype != "float32" && dtype != "int64")
+    throw RunError("package '" + path + "' has latent_dtype " + dtype + " (expected float32/int64)");
+  info.num_classes = parse_count(meta, "num_classes");
+  info.num_codes = parse_count(meta, "num_codes");
+  info.max_batch = parse_count(meta, "max_batch");
   if (info.conditional && info.num_classes < 1)
     throw RunError("package '" + path + "' is conditional but its metadata has no num_classes");
+  if (info.codes && info.num_codes < 1)
+    throw RunError("package '" + path + "' decodes int64 codes but its metadata has no num_codes");
   return info;
 }
 
@@ -121,17 +140,31 @@ c10::Device choose_device(const Options& o, const PackageInfo& info) {
   return device;
 }
 
-// CPU float32 (N, *latent_shape), from --latents or seeded randn.
+// A CPU tensor viewing the data of a strictly checked .npy file ("<f4" or "<i8").
+at::Tensor read_tensor(const std::string& path, const std::string& descr) {
+  auto a = std::make_shared<vae::npy::Array>(vae::npy::read(path, descr));
+  return at::from_blob(a->bytes.data(), a->header.shape, [a](void*) {},
+                       descr == "<i8" ? at::kLong : at::kFloat);
+}
+
+void check_range(const at::Tensor& t, int64_t hi, const std::string& what) {
+  if (t.numel() > 0 && (t.min().item<int64_t>() < 0 || t.max().item<int64_t>() >= hi))
+    throw RunError(what + ": values must lie in [0, " + std::to_string(hi) + ")");
+}
+
+// CPU (N, *latent_shape): float32 latents or int64 codes, from --latents or seeded draws.
 at::Tensor make_latents(const Options& o, const PackageInfo& info) {
   if (o.latents.empty()) {
     if (!info.latent_shape)
       throw RunError("the package has no latent_shape metadata: pass --latents FILE.npy");
     std::vector<int64_t> shape{o.n};
     shape.insert(shape.end(), info.latent_shape->begin(), info.latent_shape->end());
-    return at::randn(shape, at::detail::createCPUGenerator(o.seed), at::kFloat);
+    const at::Generator gen = at::detail::createCPUGenerator(o.seed);
+    return info.codes ? at::randint(info.num_codes, shape, gen, at::kLong)
+                      : at::randn(shape, gen, at::kFloat);
   }
-  auto a = std::make_shared<vae::npy::Array>(vae::npy::read(o.latents, "<f4"));
-  const auto& shape = a->header.shape;
+  const at::Tensor z = read_tensor(o.latents, info.codes ? "<i8" : "<f4");
+  const std::vector<int64_t> shape = as_vector(z.sizes());
   if (shape.empty() || shape[0] < 1)
     throw RunError(o.latents + ": expected latents of shape (N, ...) with N >= 1, got " +
                    vae::npy::shape_str(shape));
@@ -142,7 +175,8 @@ at::Tensor make_latents(const Options& o, const PackageInfo& info) {
   if (o.n >= 0 && o.n != shape[0])
     throw UsageError("--n " + std::to_string(o.n) + " disagrees with the " +
                      std::to_string(shape[0]) + " latents in " + o.latents);
-  return at::from_blob(a->bytes.data(), shape, [a](void*) {}, at::kFloat);
+  if (info.codes) check_range(z, info.num_codes, o.latents);
+  return z;
 }
 
 // CPU int64 (N,) labels, or an undefined tensor for unconditional packages.
@@ -152,14 +186,11 @@ at::Tensor make_labels(const Options& o, const PackageInfo& info, int64_t n) {
     return {};
   }
   if (o.labels.empty()) return at::arange(n, at::kLong).remainder(info.num_classes);
-  const auto a = vae::npy::read(o.labels, "<i8");
-  if (a.header.shape != std::vector<int64_t>{n})
+  const at::Tensor y = read_tensor(o.labels, "<i8");
+  if (as_vector(y.sizes()) != std::vector<int64_t>{n})
     throw RunError("wrong label shape in " + o.labels + ": expected (" + std::to_string(n) +
-                   ",), got " + vae::npy::shape_str(a.header.shape));
-  at::Tensor y = at::empty({n}, at::kLong);
-  std::memcpy(y.data_ptr(), a.bytes.data(), a.bytes.size());
-  if (n > 0 && (y.min().item<int64_t>() < 0 || y.max().item<int64_t>() >= info.num_classes))
-    throw RunError(o.labels + ": labels must lie in [0, " + std::to_string(info.num_classes) + ")");
+                   ",), got " + vae::npy::shape_str(as_vector(y.sizes())));
+  check_range(y, info.num_classes, o.labels);
   return y;
 }
 
@@ -250,6 +281,9 @@ int run(int argc, const char* const* argv) {
   check_package_file(o.package);
   const PackageInfo info = read_package_info(o.package);
   const c10::Device device = choose_device(o, info);
+  if (info.max_batch > 0 && o.batch_size > info.max_batch)
+    throw UsageError("--batch-size " + std::to_string(o.batch_size) + " exceeds the package's " +
+                     "max_batch " + std::to_string(info.max_batch));
   if (!o.grid.empty() && info.output_shape && info.output_shape->size() == 3)
     vae::grid::check_path(o.grid, info.output_shape->front());
   const at::Tensor z = make_latents(o, info);
