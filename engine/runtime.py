@@ -1,0 +1,583 @@
+"""Load an exported VAE and sample from it, over any backend, through one small interface.
+
+    from engine.runtime import Sampler
+    s = Sampler.load("runs/mnist/export")             # export dir: decoder, fastest backend
+    s = Sampler.load("runs/mnist/export/decoder.onnx", device="cpu")
+    s = Sampler.load("runs/mnist", compile=True)      # checkpoint or run dir: PyTorch (compiled)
+    images = s.sample(64, seed=0)                     # (64, 1, 28, 28), latents drawn on s.device
+    images = s.decode(z, labels=y)                    # z (B, *latent) [, y (B,) int]
+    mu, logvar = s.encode(x)                          # or codes (B, h, w) for the VQ-VAE
+    s.info                                            # backend, device, precision, batch range...
+
+The backend follows from the artifact through tables, not a chain of conditions:
+SUFFIX_BACKEND (file suffix -> backend), FORMAT_BACKEND (manifest format -> backend) and
+PREFERENCE (device -> backends in order, for an export directory). Each backend is a small class
+with `run(inputs) -> outputs` on torch tensors; everything else (checks, batching, latents) is
+shared in `Sampler`, so the per-call path stays short: for ONNX Runtime at batch 1, decode() is a
+shape/dtype check, `tensor.numpy()` (no copy), `session.run` and `torch.from_numpy` (no copy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK = 4096  # sample() batch size when the backend has no upper bound
+
+
+class SamplerError(RuntimeError):
+    """An artifact that cannot be loaded or run: corrupt, mismatched, or backend missing."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a decoder artifact takes and gives, read from the artifact's own metadata."""
+
+    family: str
+    latent_kind: str  # "gaussian": z ~ N(0, I); "codes": integer codes, uniform in [0, num_codes)
+    latent_shape: tuple[int, ...]
+    latent_dtype: torch.dtype
+    output_shape: tuple[int, ...]
+    conditional: bool
+    num_classes: int
+    num_codes: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    config: dict[str, Any]
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str) -> ModelSpec:
+        """From the string map of export.manifest.artifact_metadata() (ONNX / .pt2 / sidecar)."""
+        if "latent_shape" not in meta:
+            raise SamplerError(f"{where} carries no vae-engine metadata (latent_shape, ...);"
+                               " re-export it with python -m export.onnx / export.aoti")
+        ints = lambda s: tuple(int(v) for v in s.split(",") if v)
+        names = lambda s: tuple(v for v in s.split(",") if v)
+        return cls(meta.get("family", ""), meta.get("latent_kind", "gaussian"),
+                   ints(meta["latent_shape"]), getattr(torch, meta.get("latent_dtype", "float32")),
+                   ints(meta["output_shape"]), meta.get("conditional") == "1",
+                   int(meta.get("num_classes", 0)), int(meta.get("num_codes", 0)),
+                   names(meta["input_names"]), names(meta.get("output_names", "images")),
+                   json.loads(meta.get("model_config", "{}")))
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    backend: str
+    device: str
+    precision: str
+    min_batch: int
+    max_batch: int | None  # None: no upper bound
+    latent_kind: str
+    latent_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    conditional: bool
+    num_classes: int
+    artifact: str
+
+
+# --- backends ------------------------------------------------------------------------------------
+class Backend:
+    """One loaded graph. Subclasses set `name`, `requires` and implement `run`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[str] = ""  # python module the backend needs
+    install_hint: ClassVar[str] = ""
+
+    spec: ModelSpec
+    device: torch.device
+    precision: str = "fp32"
+    batch_range: tuple[int, int | None] = (1, None)
+
+    @classmethod
+    def installed(cls) -> bool:
+        return not cls.requires or importlib.util.find_spec(cls.requires) is not None
+
+    @classmethod
+    def require(cls) -> Any:
+        try:
+            return importlib.import_module(cls.requires)
+        except ImportError as e:
+            raise SamplerError(f"backend {cls.name!r} is not installed ({e}): {cls.install_hint}"
+                               ) from e
+
+    def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def part(self, name: str) -> Backend:
+        """Another part (the encoder) of the same export: same format and precision if the
+        manifest beside the artifact lists one, else any that runs on this device."""
+        from export import manifest
+
+        path = Path(self.path)
+        listed = manifest.find(manifest.read(path.parent), name) \
+            if (path.parent / "manifest.json").exists() else []
+        rank = lambda it: (FORMAT_BACKEND.get(it[1]["format"]) != self.name,
+                           it[1].get("precision") != self.precision)
+        for file, entry in sorted(listed, key=rank):
+            backend = BACKENDS.get(FORMAT_BACKEND.get(entry["format"], ""))
+            if backend and backend.installed() and entry.get("device") in ("any", self.device.type):
+                return backend(path.parent / file, self.device.type)
+        raise SamplerError(f"no {name} artifact for {self.device.type} beside {path} (in"
+                           f" {path.parent}/manifest.json); export one: python -m export.onnx CKPT"
+                           f" --parts {name} --out {path.parent}")
+
+
+def _manifest_entry(path: Path) -> dict[str, Any] | None:
+    """The entry of `path` in the manifest beside it, if any."""
+    from export import manifest
+
+    try:
+        return manifest.read(path.parent).get("artifacts", {}).get(path.name)
+    except manifest.ManifestError as e:
+        raise SamplerError(str(e)) from e
+
+
+def _verify(path: Path, fix: str) -> dict[str, Any] | None:
+    """Size and SHA-256 against the manifest beside the file: truncation is caught early."""
+    from engine.checkpoint import sha256
+
+    if not path.is_file():
+        raise SamplerError(f"{path} does not exist; {fix}")
+    entry = _manifest_entry(path)
+    if entry and (path.stat().st_size != entry.get("bytes") or sha256(path) != entry["sha256"]):
+        raise SamplerError(f"{path} does not match its manifest entry (size/SHA-256): the file is"
+                           f" truncated or modified; {fix}")
+    return entry
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime; providers TensorRT > CUDA > CPU, filtered by what is available.
+
+    CPU: `session.run` on numpy views of the tensors (no copies either way).
+    CUDA: IOBinding on torch tensors' device pointers, on torch's current stream
+    (`user_compute_stream`), outputs allocated by torch; no host round trip.
+    """
+
+    name, requires = "onnxruntime", "onnxruntime"
+    install_hint = "pip install onnxruntime (CPU) or onnxruntime-gpu (never both)"
+    PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        ort = self.require()
+        fix = "re-export it with python -m export.onnx CKPT"
+        entry = _verify(path, fix)
+        self.path, self.precision = path, (entry or {}).get("precision", "fp32")
+        providers = self._providers(ort, device)
+        opts = ort.SessionOptions()
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise SamplerError(f"cannot load {path} with ONNX Runtime: not a valid ONNX model"
+                               f" (truncated or corrupt?): {str(e).splitlines()[0][:200]}; {fix}"
+                               ) from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.spec = ModelSpec.from_metadata(meta, str(path))
+        self.precision = meta.get("precision", self.precision)
+        on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self._run = self.session.run
+        self._first = self.input_names[0]
+        if on_gpu:
+            _np_dtypes()
+        self.run = self._run_cuda if on_gpu else self._run_cpu_1 if len(self.input_names) == 1 \
+            else self._run_cpu
+
+    def _providers(self, ort: Any, device: str | None) -> list[Any]:
+        available = set(ort.get_available_providers())
+        wanted = ["CPUExecutionProvider"] if device == "cpu" else \
+            [p for p in self.PROVIDERS if p in available]
+        gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & available
+        if device == "cuda" and not (gpu_providers and torch.cuda.is_available()):
+            raise SamplerError("device='cuda': this onnxruntime has no CUDA provider or no GPU"
+                                   " is visible; install onnxruntime-gpu or use device='cpu'")
+        if wanted[0] != "CPUExecutionProvider" and not torch.cuda.is_available():
+            wanted = ["CPUExecutionProvider"]
+        stream = {"user_compute_stream": str(torch.cuda.current_stream().cuda_stream)} \
+            if wanted[0] != "CPUExecutionProvider" else {}
+        return [(p, stream) if p != "CPUExecutionProvider" else p for p in wanted]
+
+    # CPU: one numpy view in, numpy views out; nothing else on the path.
+    def _run_cpu_1(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return [torch.from_numpy(o) for o in self._run(None, {self._first: inputs[0].numpy()})]
+
+    def _run_cpu(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        feed = {n: t.numpy() for n, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(o) for o in self._run(None, feed)]
+
+    def _run_cuda(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        import numpy as np
+
+        binding = self.session.io_binding()
+        dev = self.device.index or 0
+        for name, t in zip(self.input_names, inputs):
+            t = t.contiguous()
+            binding.bind_input(name, "cuda", dev, _NP[t.dtype], list(t.shape), t.data_ptr())
+        batch = inputs[0].shape[0]
+        outs = []
+        for o in self.session.get_outputs():
+            shape = (batch, *(int(d) for d in o.shape[1:]))
+            dtype = torch.int64 if o.type == "tensor(int64)" else torch.float32
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            binding.bind_output(o.name, "cuda", dev, np.dtype(_NP[dtype]), list(shape),
+                                out.data_ptr())
+            outs.append(out)
+        self.session.run_with_iobinding(binding)
+        return outs
+
+
+_NP: dict[torch.dtype, Any] = {}
+
+
+def _np_dtypes() -> None:
+    import numpy as np
+
+    _NP.update({torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+                torch.int32: np.int32})
+
+
+class AOTInductorBackend(Backend):
+    """A `.pt2` AOTInductor package, compiled for one device (its metadata says which)."""
+
+    name, requires = "aoti", "torch"
+    install_hint = "AOTInductor comes with torch >= 2.6"
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        fix = "re-export it with python -m export.aoti CKPT"
+        _verify(path, fix)
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as e:  # zip / dlopen / schema errors from torch
+            raise SamplerError(f"cannot load {path} as an AOTInductor package (truncated or"
+                               f" corrupt?): {str(e).splitlines()[0][:200]}; {fix}") from e
+        meta = runner.get_metadata()
+        self.spec = ModelSpec.from_metadata(meta, str(path))
+        built_for = meta.get("device") or meta.get("AOTI_DEVICE_KEY", "cpu")
+        if device is not None and torch.device(device).type != built_for:
+            raise SamplerError(f"{path} was compiled for {built_for}, not {device}; re-export it"
+                               f" with python -m export.aoti CKPT --device {device}")
+        if built_for == "cuda" and not torch.cuda.is_available():
+            raise SamplerError(f"{path} was compiled for CUDA and no GPU is visible; re-export it"
+                               " with python -m export.aoti CKPT --device cpu")
+        self.path, self.device = path, torch.device(built_for)
+        self.precision = meta.get("precision", "fp32")
+        loader = runner.loader
+        self._boxed = getattr(loader, "boxed_run", None) or (lambda xs: list(runner(*xs)))
+
+    def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return self._boxed([t.contiguous() for t in inputs])
+
+
+class EagerBackend(Backend):
+    """The PyTorch model of a checkpoint or run directory; `compile=True` wraps torch.compile
+    (mode "reduce-overhead", i.e. CUDA graphs, on CUDA)."""
+
+    name, requires = "eager", "torch"
+
+    def __init__(self, path: Path, device: str | None = None, compile: bool = False,
+                 part: str = "decoder", loaded: tuple[Any, dict] | None = None) -> None:
+        from engine.checkpoint import CheckpointError, load_model
+        from export.common import part_specs
+        from export.manifest import model_section
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if loaded is None:
+            try:
+                model, ckpt = load_model(path, device=device)
+            except CheckpointError as e:
+                raise SamplerError(str(e)) from e
+            loaded = (model, ckpt.config["model"])
+        model, config = loaded
+        parts = {k: _on(p, device) for k, p in model.export_parts().items()}
+        if part not in parts:
+            raise SamplerError(f"{path}: the model exports no {part!r} part ({sorted(parts)})")
+        self.path, self.device, self.compiled, self._loaded = path, torch.device(device), \
+            compile, loaded
+        inputs, outputs = part_specs(parts["decoder"])
+        self.spec = _spec_from_section(model_section(config, inputs, outputs), inputs, outputs)
+        module = parts[part].module.eval()
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.fn = torch.compile(module, mode=mode) if compile else module
+        self.name = "compile" if compile else "eager"
+
+    def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        with torch.inference_mode():
+            out = self.fn(*inputs)
+        return [out] if isinstance(out, Tensor) else list(out)
+
+    def part(self, name: str) -> Backend:
+        return EagerBackend(self.path, self.device.type, self.compiled, name, self._loaded)
+
+
+def _on(part: Any, device: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(part, example_inputs=tuple(t.to(device)
+                                                          for t in part.example_inputs))
+
+
+def _spec_from_section(section: dict, inputs: list[dict], outputs: list[dict]) -> ModelSpec:
+    latent = section["latent"]
+    return ModelSpec(section["family"], latent["kind"], tuple(latent["shape"]),
+                     getattr(torch, latent["dtype"]), tuple(section["output_shape"]),
+                     section["conditional"], section["num_classes"], latent["num_codes"],
+                     tuple(s["name"] for s in inputs), tuple(s["name"] for s in outputs),
+                     section["config"])
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine + JSON sidecar (see export.tensorrt)."""
+
+    name, requires = "tensorrt", "tensorrt"
+    install_hint = "pip install tensorrt (from NVIDIA's index) on a machine with an NVIDIA GPU"
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        from export import tensorrt as trt_export
+
+        if device not in (None, "cuda") and not str(device).startswith("cuda"):
+            raise SamplerError(f"TensorRT engines run on CUDA only, not on {device!r}")
+        try:
+            self.engine = trt_export.TensorRTRunner(path)
+        except trt_export.TensorRTError as e:
+            raise SamplerError(str(e)) from e
+        self.path, self.device = path, torch.device("cuda")
+        sidecar = self.engine.sidecar
+        self.spec = ModelSpec.from_metadata(sidecar["metadata"], str(path))
+        self.precision = sidecar["precision"]
+        self.batch_range = self.engine.batch_range
+        self.run = self.engine.run
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "aoti": AOTInductorBackend,
+    "eager": EagerBackend, "compile": EagerBackend,
+}
+SUFFIX_BACKEND = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt",
+                  ".pt2": "aoti"}
+FORMAT_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "aoti": "aoti"}
+# Backends to try for an export directory, fastest first, per device type.
+PREFERENCE = {"cuda": ("tensorrt", "aoti", "onnxruntime"), "cpu": ("onnxruntime", "aoti")}
+
+
+def _choose_from_export_dir(path: Path, backend: str | None, device: str | None
+                            ) -> tuple[str, Path]:
+    from export import manifest
+
+    try:
+        entries = manifest.find(manifest.read(path, missing_ok=False), "decoder")
+    except manifest.ManifestError as e:
+        raise SamplerError(str(e)) from e
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    order = [backend] if backend else [b for b in PREFERENCE[torch.device(dev).type]
+                                       if BACKENDS[b].installed()]
+    for name in order:
+        for file, entry in sorted(entries, key=lambda it: it[1].get("precision") != "fp32"):
+            fits = entry.get("device") in ("any", torch.device(dev).type)
+            if FORMAT_BACKEND.get(entry.get("format")) == name and fits:
+                return name, path / file
+    have = sorted(f"{f} ({e.get('format')}, {e.get('device')})" for f, e in entries)
+    raise SamplerError(f"{path}: no decoder artifact for backend(s) {order} on {dev}; the"
+                       f" manifest lists {have or 'no decoder'}; export one or pick another"
+                       " backend/device")
+
+
+def resolve(path: str | os.PathLike, backend: str | None, device: str | None
+            ) -> tuple[str, Path]:
+    """(backend name, artifact path) for a file, an export directory or a checkpoint/run dir."""
+    p = Path(path)
+    if backend is not None and backend not in BACKENDS:
+        raise SamplerError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if p.is_dir() and (p / "manifest.json").exists():
+        return _choose_from_export_dir(p, backend, device)
+    if p.is_dir():
+        if backend not in (None, "eager", "compile"):
+            raise SamplerError(f"{p} is a checkpoint/run directory: it runs with the eager backend;"
+                               f" for {backend!r} pass an export directory or an artifact file")
+        return backend or "eager", p
+    kind = SUFFIX_BACKEND.get(p.suffix)
+    if kind is None:
+        raise SamplerError(f"cannot tell what {p} is: expected a {'/'.join(SUFFIX_BACKEND)} file,"
+                           " an export directory with manifest.json, or a checkpoint/run directory")
+    if backend is not None and backend != kind:
+        raise SamplerError(f"{p.name} is a {kind} artifact, not one for backend {backend!r};"
+                           " build the matching artifact (export.onnx / export.aoti /"
+                           " export.tensorrt) or drop --backend")
+    return kind, p
+
+
+# --- the sampler ---------------------------------------------------------------------------------
+class Sampler:
+    """One interface over every backend: `load`, `sample`, `decode`, `encode`, `info`."""
+
+    def __init__(self, backend: Backend, artifact: Path) -> None:
+        self._backend, self.artifact = backend, artifact
+        self._encoder: Backend | None = None
+        spec = backend.spec
+        self.spec, self.device = spec, backend.device
+        self._run = backend.run
+        self._tail = torch.Size(spec.latent_shape)
+        self._dtype = spec.latent_dtype
+        self._cond = spec.conditional
+        self._gen = torch.Generator(device=self.device)
+        self._gen.seed()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str | None = None,
+             device: str | None = None, compile: bool = False) -> Sampler:
+        """Open an artifact (.onnx / .engine / .plan / .pt2), an export directory (its decoder,
+        on the fastest installed backend) or a checkpoint/run directory (PyTorch eager, or
+        torch.compile with compile=True)."""
+        if compile and backend not in (None, "eager", "compile"):
+            raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
+        name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
+        cls_ = BACKENDS[name]
+        if not cls_.installed():
+            cls_.require()  # raises the one-line "not installed" error
+        if cls_ is EagerBackend:
+            return cls(EagerBackend(artifact, device, compile or backend == "compile"), artifact)
+        return cls(cls_(artifact, device), artifact)
+
+    @property
+    def info(self) -> RuntimeInfo:
+        b, s = self._backend, self.spec
+        return RuntimeInfo(b.name, str(self.device), b.precision, b.batch_range[0],
+                           b.batch_range[1], s.latent_kind, s.latent_shape, s.output_shape,
+                           s.conditional, s.num_classes, str(self.artifact))
+
+    # --- decode -------------------------------------------------------------------------------
+    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """z (B, *latent_shape) [+ labels (B,) int] -> outputs (B, *output_shape) on `device`.
+
+        Batches larger than the engine's profile are split; smaller ones are padded."""
+        if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
+            self._latent_error(z)
+        if z.device != self.device:
+            z = z.to(self.device)
+        if self._cond or labels is not None:
+            return self._call((z, self._labels(labels, z.shape[0])))
+        lo, hi = self._backend.batch_range
+        if lo <= z.shape[0] and (hi is None or z.shape[0] <= hi):
+            return self._run((z,))[0]  # the batch-1 fast path: nothing else happens
+        return self._call((z,))
+
+    def _call(self, inputs: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        outs = self._run_batched(self._run, self._backend.batch_range, inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    @staticmethod
+    def _run_batched(run: Any, batch_range: tuple[int, int | None],
+                     inputs: tuple[Tensor, ...]) -> list[Tensor]:
+        """Split batches above the profile's max, pad those below its min (rows independent)."""
+        lo, hi = batch_range
+        n = inputs[0].shape[0]
+        if n < lo:
+            pad = [torch.cat([t, t[:1].expand(lo - n, *t.shape[1:])]) for t in inputs]
+            return [o[:n] for o in run(pad)]
+        if hi is None or n <= hi:
+            return run(inputs)
+        chunks = [run([t[i:i + hi] for t in inputs]) for i in range(0, n, hi)]
+        return [torch.cat(list(outs)) for outs in zip(*chunks)]
+
+    def _latent_error(self, z: Any) -> None:
+        want = f"(B, {', '.join(map(str, self.spec.latent_shape))}) {_dt(self._dtype)}"
+        if not isinstance(z, Tensor):
+            raise TypeError(f"decode(): expected a torch.Tensor latent of shape {want}, got"
+                            f" {type(z).__name__}")
+        got = f"{tuple(z.shape)} {_dt(z.dtype)}"
+        hint = ""
+        if z.dim() == 2 and len(self._tail) == 1 and z.shape[1] == 2 * self._tail[0]:
+            hint = ": did you pass the encoder's concatenated (mu, logvar) instead of a sample?"
+        elif z.shape[1:] == self._tail:
+            hint = f": convert it with z.to(torch.{_dt(self._dtype)})"
+        raise ValueError(f"decode(): expected a latent of shape {want}, got {got}{hint}")
+
+    def _labels(self, labels: Any, n: int) -> Tensor:
+        s = self.spec
+        if not s.conditional:
+            raise ValueError(f"this {s.family} model is unconditional; do not pass labels")
+        if labels is None:
+            raise ValueError(f"this conditional {s.family} model needs labels: pass labels= an int"
+                             f" or an integer tensor of shape ({n},) with values in"
+                             f" [0, {s.num_classes})")
+        if isinstance(labels, int):
+            return torch.full((n,), labels, dtype=torch.int64, device=self.device)
+        y = torch.as_tensor(labels)
+        if y.shape != (n,) or y.dtype.is_floating_point or y.dtype is torch.bool:
+            raise ValueError(f"expected integer labels of shape ({n},), got {tuple(y.shape)}"
+                             f" {_dt(y.dtype)}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= s.num_classes):
+            raise ValueError(f"labels must lie in [0, {s.num_classes}), got values in"
+                             f" [{int(y.min())}, {int(y.max())}]")
+        return y.to(device=self.device, dtype=torch.int64)
+
+    # --- sample -------------------------------------------------------------------------------
+    def latents(self, n: int, seed: int | None = None) -> Tensor:
+        """n prior draws on `device`: N(0, I) latents, or uniform codes for the VQ-VAE."""
+        gen = self._gen if seed is None else torch.Generator(self.device).manual_seed(seed)
+        shape = (n, *self.spec.latent_shape)
+        if self.spec.latent_kind == "codes":
+            return torch.randint(self.spec.num_codes, shape, generator=gen, device=self.device)
+        return torch.randn(shape, generator=gen, device=self.device, dtype=self._dtype)
+
+    def sample(self, n: int, batch_size: int | None = None, seed: int | None = None,
+               labels: Any = None) -> Tensor:
+        """n samples (n, *output_shape). All latents are drawn first, so a seed gives the same
+        images whatever the batch size; decoding runs in batches of `batch_size` (default: the
+        engine's max, or DEFAULT_CHUNK) written into one pre-allocated output."""
+        if n < 1:
+            raise ValueError(f"sample(): n must be >= 1, got {n}")
+        z = self.latents(n, seed)
+        y = self._labels(labels, n) if self._cond or labels is not None else None
+        bs = self._batch_size(n, batch_size)
+        if n <= bs:
+            return self._call((z,) if y is None else (z, y))
+        out = None
+        for i in range(0, n, bs):
+            inputs = (z[i:i + bs],) if y is None else (z[i:i + bs], y[i:i + bs])
+            o = self._run_batched(self._run, self._backend.batch_range, inputs)[0]
+            if out is None:  # one allocation for all n
+                out = torch.empty((n, *o.shape[1:]), dtype=o.dtype, device=o.device)
+            out[i:i + o.shape[0]] = o
+        return out
+
+    def _batch_size(self, n: int, batch_size: int | None) -> int:
+        lo, hi = self._backend.batch_range
+        if batch_size is None:
+            return min(n, hi or DEFAULT_CHUNK)
+        if batch_size < 1 or batch_size < lo or (hi is not None and batch_size > hi):
+            raise ValueError(f"batch_size {batch_size} is outside the engine's profile [{lo},"
+                             f" {hi if hi is not None else 'inf'}]: pick a batch size in range or"
+                             " rebuild the engine (python -m export.tensorrt --min-batch/"
+                             "--max-batch)")
+        return batch_size
+
+    # --- encode -------------------------------------------------------------------------------
+    def encode(self, x: Tensor, labels: Any = None) -> Tensor | tuple[Tensor, ...]:
+        """images (B, *output_shape) [+ labels] -> (mu, logvar), or codes for the VQ-VAE."""
+        shape = torch.Size(self.spec.output_shape)
+        if not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
+            got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"encode(): expected images of shape (B, {', '.join(map(str, shape))})"
+                             f" float32, got {got}")
+        if self._encoder is None:
+            self._encoder = self._backend.part("encoder")
+        inputs = (x.to(self.device, torch.float32),)
+        if self._cond or labels is not None:
+            inputs += (self._labels(labels, x.shape[0]),)
+        outs = self._run_batched(self._encoder.run, self._encoder.batch_range, inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
