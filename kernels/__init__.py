@@ -4,11 +4,11 @@ Every op has a pure-PyTorch reference `<op>_ref`; the backend is chosen in `kern
 """
 
 from kernels.dispatch import get_backend, set_backend, use_backend
-from kernels.kl_divergence import kl_divergence, kl_divergence_ref
-from kernels.reparameterize import reparameterize, reparameterize_ref
-from kernels.reparameterize_kl import reparameterize_kl, reparameterize_kl_ref
+from kernels.kl import kl_divergence, kl_divergence_ref
+from kernels.reparam import reparameterize, reparameterize_ref
+from kernels.reparam_kl import reparameterize_kl, reparameterize_kl_ref
+from kernels.vq import vq_nearest, vq_nearest_ref, vq_quantize, vq_quantize_ref
 from kernels.vq_ema import vq_ema_update, vq_ema_update_ref
-from kernels.vq_quantize import vq_nearest, vq_nearest_ref, vq_quantize, vq_quantize_ref
 
 __all__ = [
     "get_backend",

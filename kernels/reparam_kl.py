@@ -26,8 +26,8 @@ import torch
 from kernels import dispatch
 from kernels._common import OpPair, cdiv, check_pair, jit, launch, next_pow2, seed_tensor
 from kernels._random import _normal_at, _normal_block
-from kernels.kl_divergence import _acc_dtype, _rows, kl_divergence_ref
-from kernels.reparameterize import ref_seed, reparameterize_ref
+from kernels.kl import _acc_dtype, _rows, kl_divergence_ref
+from kernels.reparam import ref_seed, reparameterize_ref
 
 tl: Any = None  # bound to triton.language on first launch (kernels._common.LazyJit)
 
