@@ -507,9 +507,9 @@ class Sampler:
         if not s.conditional:
             raise ValueError(f"this {s.family} model is unconditional; do not pass labels")
         if labels is None:
-            raise ValueError(f"this conditional {s.family} model needs labels: pass labels= an int"
-                             f" or an integer tensor of shape ({n},) with values in"
-                             f" [0, {s.num_classes})")
+            raise ValueError(f"this conditional {s.family} model needs labels: pass labels="
+                             f" (--labels) an int or an integer tensor of shape ({n},) with"
+                             f" values in [0, {s.num_classes})")
         if isinstance(labels, int):
             return torch.full((n,), labels, dtype=torch.int64, device=self.device)
         y = torch.as_tensor(labels)
