@@ -58,9 +58,13 @@ def use_backend(name: str) -> Iterator[None]:
         _STATE["backend"] = previous
 
 
+# Looked up once (without importing triton), so torch.compile sees a constant.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def has_triton() -> bool:
-    """True when the `triton` package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the `triton` package is installed."""
+    return _HAS_TRITON
 
 
 def interpreter_enabled() -> bool:
