@@ -108,6 +108,7 @@ def test_loader_epochs_and_lengths(random_structure, to_cif, write_csv, tmp_path
     assert bundle.info["model_overrides"]["num_atoms_hist"][2] == 1.0
 
 
+@pytest.mark.slow  # parses all 7,572 Perov-5 CIFs (~20 s on 2 cores)
 def test_perov_directory_split_mapping(data_dir, tmp_path):
     if not (data_dir / "perov_5" / "val.csv.gz").exists():
         pytest.skip(f"Perov-5 not found under {data_dir}: set VAE_DATA_DIR to the datasets")
