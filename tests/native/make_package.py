@@ -1,65 +1,56 @@
-"""Build a small AOTInductor decoder package for the native-runner tests.
+"""Build a small decoder `.pt2` for the native-runner tests, through `python -m export.aoti`.
 
-    python tests/native/make_package.py OUT.pt2 [--hidden 64] [--latent 8] [--classes 0] [--seed 0]
+    python tests/native/make_package.py OUT_DIR [--hidden 64] [--latent 8] [--classes 0]
+    # -> OUT_DIR/export/decoder.pt2 (pass it to cmake -DVAE_TEST_PACKAGE=...)
 
-Prefers `python -m export.aoti` when it exists (the project's exporter); until then it exports
-an MLP decoder (engine.models.build_model("mlp") -> DecoderView) itself, with a dynamic batch
-and the metadata keys that `vae_sample` reads: latent_shape, output_shape, conditional,
-num_classes (comma-separated shapes without the batch, e.g. "8" and "1,28,28").
+An MLP VAE (engine.models.build_model("mlp"), random weights, seeded) is saved as a checkpoint
+(engine.checkpoint.save) and exported by the project's exporter, so the tests exercise the same
+package format, metadata and dynamic batch that users get.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-
-def metadata_for(model) -> dict[str, str]:
-    return {
-        "latent_shape": ",".join(map(str, model.latent_shape)),
-        "output_shape": ",".join(map(str, model.data_shape)),
-        "conditional": "1" if model.conditional else "0",
-        "num_classes": str(getattr(model.config, "num_classes", 0)),
-    }
+REPO = Path(__file__).resolve().parents[2]
 
 
-def export_decoder(model, out: str) -> str:
-    """torch.export the decoder view with a dynamic batch and AOT-compile it into `out`."""
-    from torch._inductor import aoti_compile_and_package
+def make_package(out_dir: str | Path, hidden: int = 64, latent: int = 8, classes: int = 0,
+                 seed: int = 0, timeout: float = 300) -> Path:
+    """Checkpoint an MLP VAE under out_dir/run/last and export out_dir/export/decoder.pt2."""
+    from engine.checkpoint import save
+    from engine.models import build_model
 
-    from engine.models.export_wrappers import DecoderView
-
-    view = DecoderView(model.eval())
-    z = torch.randn(2, *model.latent_shape)
-    args: tuple = (z,)
-    shapes: tuple = ({0: torch.export.Dim("batch", min=1, max=65536)},)
-    if model.conditional:
-        args += (torch.randint(model.config.num_classes, (2,)),)
-        shapes += ({0: shapes[0][0]},)
-    with torch.no_grad():
-        ep = torch.export.export(view, args, dynamic_shapes=shapes)
-        return aoti_compile_and_package(
-            ep, package_path=out,
-            inductor_configs={"aot_inductor.metadata": metadata_for(model)},
-        )
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = build_model("mlp", hidden_dims=(hidden,), latent_dim=latent, num_classes=classes)
+    ckpt = save(out_dir / "run" / "last", model)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "export.aoti", str(ckpt), "--out", str(out_dir / "export"),
+         "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -m export.aoti failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return out_dir / "export" / "decoder.pt2"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("out")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--latent", type=int, default=8)
-    p.add_argument("--classes", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    from engine.models import build_model
-
-    torch.manual_seed(a.seed)
-    model = build_model("mlp", hidden_dims=(a.hidden,), latent_dim=a.latent,
-                        num_classes=a.classes)
-    print(export_decoder(model, a.out))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--latent", type=int, default=8)
+    ap.add_argument("--classes", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    print(make_package(a.out_dir, a.hidden, a.latent, a.classes, a.seed))
     return 0
 
 
