@@ -76,9 +76,14 @@ def jit(fn: Callable[..., Any]) -> LazyJit:
     return LazyJit(fn)
 
 
+def jitted(kernel: LazyJit | Any) -> Any:
+    """The jitted function (a module's `LazyJit` global is replaced by it after first use)."""
+    return kernel.get() if isinstance(kernel, LazyJit) else kernel
+
+
 def launch(kernel: LazyJit | Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Launch `kernel[grid](*args, **kwargs)`, through `wrap_triton` unless interpreting."""
-    fn = kernel.get() if isinstance(kernel, LazyJit) else kernel
+    fn = jitted(kernel)
     if not interpreter_enabled():
         fn = torch.library.wrap_triton(fn)
     fn[grid](*args, **kwargs)
