@@ -144,7 +144,9 @@ std::string timing_json(const std::string& backend, const std::string& device, i
      << ", \"median_ms\": " << percentile(ms, 50) << ", \"p10_ms\": " << percentile(ms, 10)
      << ", \"p90_ms\": " << percentile(ms, 90) << ", \"mean_ms\": " << mean
      << ", \"min_ms\": " << *std::min_element(ms.begin(), ms.end())
-     << ", \"load_s\": " << load_s << "}";
+     << ", \"load_s\": " << load_s << ", \"times_ms\": [";
+  for (size_t i = 0; i < ms.size(); ++i) os << (i ? ", " : "") << ms[i];
+  os << "]}";
   return os.str();
 }
 

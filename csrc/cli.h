@@ -43,7 +43,7 @@ std::string first_line(const std::string& what);
 // Percentile (0..100, linear interpolation as numpy.percentile) of per-call times.
 double percentile(std::vector<double> values, double pct);
 
-// {"median_ms": ..., ...}: the timing JSON both runners print for --repeat.
+// {"median_ms": ..., "times_ms": [...]}: the timing JSON both runners print for --repeat.
 std::string timing_json(const std::string& backend, const std::string& device, int64_t batch,
                         const std::vector<double>& ms, double load_s);
 
