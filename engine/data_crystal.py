@@ -103,7 +103,7 @@ class CrystalBatch:
 # --- parsing and the on-disk cache ---------------------------------------------------------------
 @dataclass
 class CrystalArrays:
-    """Parsed crystals of one or more files, flat: atoms of crystal i are offsets[i]:offsets[i+1]."""
+    """Parsed crystals of one or more files, flat: crystal i owns atoms offsets[i]:offsets[i+1]."""
 
     atom_types: np.ndarray  # (T,) int64
     frac_coords: np.ndarray  # (T, 3) float64
@@ -304,7 +304,8 @@ class CrystalLoader:
 
     def __iter__(self) -> Iterator[CrystalBatch]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.dataset)) if self.shuffle else np.arange(len(self.dataset))
+        n = len(self.dataset)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
         if self.world_size > 1:  # the same permutation on every rank; each takes a stride
             order = order[self.rank::self.world_size][:self._num_items()]
         for b in range(len(self)):
@@ -329,7 +330,7 @@ def _split_permutation(n: int, fractions: tuple[float, ...]) -> list[np.ndarray]
 
 def resolve_splits(dataset: str, niggli: bool, cache_dir, num_workers: int,
                    train_split: str | None, eval_split: str | None):
-    """{"train"|"val"|"test": CrystalArrays} and a human-readable mapping of where each came from."""
+    """{"train"|"val"|"test": CrystalArrays} and a readable mapping of where each came from."""
     path = Path(dataset)
     if path.is_dir():
         train_name = train_split or ("train" if _find_split(path, "train") else "val")

@@ -334,7 +334,8 @@ class CrystalVAE(nn.Module):
         self.eval()
         try:
             small = _take(batch, count).to(self._device())
-            recon, samples = (Path(out_dir) / d / f"epoch_{epoch:03d}" for d in ("recon", "samples"))
+            name = f"epoch_{epoch:03d}"
+            recon, samples = Path(out_dir) / "recon" / name, Path(out_dir) / "samples" / name
             write_cifs(batch_to_structures(small), recon, "input")
             write_cifs(batch_to_structures(self.reconstruct(small)), recon, "recon")
             write_cifs(batch_to_structures(self.sample(count, seed=epoch)), samples, "sample")

@@ -10,7 +10,6 @@ from engine.crystal.structures import batch_to_structures
 from engine.data_crystal import CrystalDataset, build_crystal_data, load_file, parse_cif
 
 
-
 def _matcher():
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
