@@ -183,3 +183,13 @@ def test_torchrun_ddp_two_cpu_processes(tmp_path):
     assert state.step == 12
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1  # rank 0 alone logs
+
+
+@needs_mnist
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps_stay_finite(tmp_path, amp):
+    argv = args_for(tmp_path, "--model", "mlp", "--hidden-dims", "64", "--amp", amp,
+                    "--max-steps", "6", "--grad-clip", "5.0")
+    assert main(argv) == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 6 and 0 < row["train_loss"] < 1e4
