@@ -26,10 +26,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "native"))
+import test_vae_sample as native_tests  # noqa: E402
 from make_package import make_package  # noqa: E402
 from parity import run_binary  # noqa: E402
-from test_vae_sample import binary, native_build  # noqa: E402,F401  (session fixtures)
 
+native_build = native_tests.native_build  # session fixtures: one build shared with the tests
+binary = native_tests.binary
 ROUNDS = {1: 2000, 256: 200}
 THREADS = 1
 

@@ -52,8 +52,8 @@ def native_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"cannot build the native runner: {why}")
     build = (Path(os.environ["VAE_NATIVE_BUILD_DIR"]).resolve()
              if os.environ.get("VAE_NATIVE_BUILD_DIR") else tmp_path_factory.mktemp("native"))
-    generator = ["-G", "Ninja"] if shutil.which("ninja") and not (build / "CMakeCache.txt").exists() \
-        else []
+    fresh = not (build / "CMakeCache.txt").exists()  # the generator of a build cannot change
+    generator = ["-G", "Ninja"] if shutil.which("ninja") and fresh else []
     _run(["cmake", "-S", str(REPO), "-B", str(build), *generator,
           f"-DPython3_EXECUTABLE={sys.executable}"], "cmake configure", 300)
     _run(["cmake", "--build", str(build), "-j", "2"], "cmake build", 900)
