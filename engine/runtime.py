@@ -441,9 +441,7 @@ class Sampler:
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
-        cls_ = BACKENDS[name]
-        if not cls_.installed():
-            cls_.require()  # raises the one-line "not installed" error
+        cls_ = BACKENDS[name]  # each backend imports its library itself and says if it's missing
         if cls_ is EagerBackend:
             return cls(EagerBackend(artifact, device, compile or backend == "compile"), artifact)
         return cls(cls_(artifact, device), artifact)
