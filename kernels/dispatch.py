@@ -58,8 +58,15 @@ def use_backend(name: str) -> Iterator[None]:
         _STATE["backend"] = previous
 
 
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked)
+        return False
+
+
 # Looked up once (without importing triton), so torch.compile sees a constant.
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TRITON = _find_triton()
 
 
 def has_triton() -> bool:

@@ -161,12 +161,29 @@ def ref_seed(seed: int | torch.Tensor | None) -> int | None:
     return (s * 0x9E3779B97F4A7C15 + offset) % 2**63
 
 
+@torch.library.custom_op(
+    "vae_engine::seeded_randn",
+    mutates_args=(),
+    schema="(SymInt[] shape, ScalarType dtype, Device device, int seed) -> Tensor",
+)
+def _seeded_randn(
+    shape: list[int], dtype: torch.dtype, device: torch.device, seed: int
+) -> torch.Tensor:
+    """torch.randn from a fresh Generator seeded by `seed`; an op, so torch.compile keeps it."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+@_seeded_randn.register_fake
+def _(shape: list[int], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _ref_noise(mu: torch.Tensor, seed: int | None) -> torch.Tensor:
     if seed is None:
         return torch.randn_like(mu)
-    gen = torch.Generator(device=mu.device)
-    gen.manual_seed(int(seed))
-    return torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+    return _seeded_randn(list(mu.shape), mu.dtype, mu.device, int(seed))
 
 
 def reparameterize_ref(
@@ -174,7 +191,8 @@ def reparameterize_ref(
 ) -> torch.Tensor:
     """Pure-PyTorch reparameterization; eps from torch.randn with a Generator seeded by `seed`.
 
-    seed=None uses the default generator (torch.randn_like), which also works under
-    torch.compile; an explicit seed creates a torch.Generator, which graph-breaks there.
+    seed=None uses the default generator (torch.randn_like). An int seed goes through the
+    `vae_engine::seeded_randn` op, so both work inside torch.compile(fullgraph=True). A
+    (2,) seed tensor given to the public function is read on the host here (`ref_seed`).
     """
     return mu + torch.exp(0.5 * logvar) * _ref_noise(mu, seed)

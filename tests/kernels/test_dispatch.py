@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,3 +113,40 @@ def test_vq_falls_back_above_max_d_under_auto(monkeypatch: pytest.MonkeyPatch) -
     assert calls == ["vq_nearest_ref"]
     with kernels.use_backend("triton"), pytest.raises(ValueError, match="D <= 1024"):
         kernels.vq_nearest(x, codebook)
+
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # import triton -> ImportError
+import torch, kernels
+mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+z, kl = kernels.reparameterize_kl(mu, logvar, seed=1)
+q, idx, loss = kernels.vq_quantize(torch.randn(8, 3), torch.randn(5, 3))
+counts, sums = kernels.vq_ema_update(torch.randn(8, 3), idx, 5)
+assert kernels.reparameterize(mu, logvar).shape == (4, 3) and kl.shape == (4,)
+try:
+    with kernels.use_backend("triton"):
+        kernels.kl_divergence(mu, logvar)
+except RuntimeError as err:
+    assert "not installed" in str(err)
+else:
+    raise AssertionError("triton backend without triton did not raise")
+print("ok")
+"""
+
+
+def test_import_and_reference_work_without_triton() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU machine triton_op registration imports it")
+def test_import_kernels_does_not_import_triton() -> None:
+    code = "import sys, kernels; print('triton' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.stdout.strip() == "False", proc.stdout + proc.stderr

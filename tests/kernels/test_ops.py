@@ -59,7 +59,7 @@ class TinyVAE(torch.nn.Module):
         self.dec = torch.nn.Linear(4, 6)
         self.codebook = torch.nn.Parameter(torch.randn(5, 4))
 
-    def forward(self, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         mu, logvar = self.enc(x).chunk(2, dim=-1)  # (B, 4) each
         z, kl_rows = kernels.reparameterize_kl(mu, logvar, seed=seed)
         z2 = kernels.reparameterize(mu, logvar, seed=seed)
@@ -69,7 +69,7 @@ class TinyVAE(torch.nn.Module):
         return recon + kl_term + vq_loss + 1e-2 * z2.pow(2).mean()
 
 
-def _step(model: TinyVAE, x: torch.Tensor, seed: torch.Tensor, fn: Any) -> list[torch.Tensor]:
+def _step(model: TinyVAE, x: torch.Tensor, seed: int, fn: Any) -> list[torch.Tensor]:
     model.zero_grad()
     loss = fn(x, seed)
     loss.backward()
@@ -77,12 +77,21 @@ def _step(model: TinyVAE, x: torch.Tensor, seed: torch.Tensor, fn: Any) -> list[
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager() -> None:
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_compiled_step_equals_eager(backend: str) -> None:
     torch._dynamo.reset()
     model = TinyVAE().to(DEVICE)
-    x, seed = randn(9, 6), _seed()
-    eager = _step(model, x, seed, model)
-    compiled = _step(model, x, seed, torch.compile(model, fullgraph=True))
+    x = randn(9, 6)
+    with kernels.use_backend(backend):
+        eager = _step(model, x, 1234, model)
+        compiled = _step(model, x, 1234, torch.compile(model, fullgraph=True))
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
     assert eager[-1].abs().sum() > 0  # the codebook received a gradient
+
+
+def test_opcheck_seeded_randn() -> None:
+    op = torch.ops.vae_engine.seeded_randn.default
+    torch.library.opcheck(op, ([3, 4], torch.float32, torch.device(DEVICE), 7))
+    assert torch.equal(op([3, 4], torch.float32, torch.device(DEVICE), 7),
+                       op([3, 4], torch.float32, torch.device(DEVICE), 7))  # fmt: skip
