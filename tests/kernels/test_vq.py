@@ -28,7 +28,7 @@ DOT_DTYPES = [
 def sq_dists(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """(N, K) squared distances in float64."""
     x64, e64 = x.reshape(-1, x.shape[-1]).double(), codebook.double()
-    return (x64[:, None, :] - e64[None, :, :]).pow(2).sum(-1)
+    return x64.pow(2).sum(-1)[:, None] - 2 * x64 @ e64.t() + e64.pow(2).sum(-1)[None, :]
 
 
 def assert_nearest(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> None:
