@@ -72,3 +72,56 @@ def anomaly_report(stats: dict[str, Tensor], holdout_class: int, iw_samples: int
     return {"holdout_class": holdout_class, "score": f"-IWAE_{iw_samples}" if use_iwae else
             "-ELBO", "roc_auc": roc_auc(score, positive), "n_positive": int(positive.sum()),
             "n_negative": int((~positive).sum()), "mean_score_per_class": per_class}
+
+
+# --- summary of a leave-one-class-out sweep ------------------------------------------------------
+def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per held-out class ROC-AUC (from engine.evaluate --anomaly reports) and their mean."""
+    rows = sorted(({"holdout_class": r["anomaly"]["holdout_class"],
+                    "roc_auc": r["anomaly"]["roc_auc"], "score": r["anomaly"]["score"],
+                    "test_elbo": r["elbo"], "checkpoint": r["checkpoint"]} for r in reports),
+                  key=lambda row: row["holdout_class"])
+    aucs = [row["roc_auc"] for row in rows]
+    return {"per_class": rows, "mean_roc_auc": sum(aucs) / len(aucs),
+            "min": min(aucs), "max": max(aucs)}
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = ["| held-out digit | ROC-AUC | test ELBO (nats, all digits) |", "|---|---|---|"]
+    lines += [f"| {r['holdout_class']} | {r['roc_auc']:.3f} | {r['test_elbo']:.2f} |"
+              for r in summary["per_class"]]
+    lines.append(f"| **mean** | **{summary['mean_roc_auc']:.3f}** | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.anomaly REPORT.json ... --json OUT --markdown OUT`: sweep summary."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m engine.anomaly", description=main.__doc__)
+    p.add_argument("reports", nargs="+", help="engine.evaluate --anomaly --out files")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    try:
+        reports = [json.loads(Path(r).read_text()) for r in args.reports]
+        if any("anomaly" not in r for r in reports):
+            raise ValueError("every report must come from engine.evaluate --anomaly")
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarize(reports)
+    table = markdown_table(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -27,7 +27,6 @@ The data comes from the checkpoint's training config (dataset, --binarize -> the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from engine import checkpoint as ckpt
 from engine.data import DatasetError, TensorLoader, load_images, split_train_val
-from engine.losses import importance_terms, iwae_bound, reconstruction
+from engine.losses import importance_terms, reconstruction
 
 ACTIVE_THRESHOLD = 0.01
 SPLITS = ("train", "val", "test")

@@ -89,8 +89,8 @@ def slerp(a: Tensor, b: Tensor, steps: int, eps: float = 1e-6) -> Tensor:
     if torch.sin(omega).abs() < eps:
         return lerp(a, b, steps)
     t = torch.linspace(0, 1, steps, dtype=torch.float64, device=a.device)[:, None]
-    w_a, w_b = torch.sin((1 - t) * omega) / torch.sin(omega), torch.sin(t * omega) / torch.sin(omega)
-    out = w_a * af + w_b * bf  # (steps, numel)
+    sin = torch.sin(omega)
+    out = torch.sin((1 - t) * omega) / sin * af + torch.sin(t * omega) / sin * bf  # (steps, numel)
     out[0], out[-1] = af, bf  # exact endpoints despite rounding
     return out.to(a.dtype).reshape(steps, *a.shape)
 

@@ -123,8 +123,13 @@ def plot_kl_per_dim(kl_per_dim: list[float], activity: list[float], path: Path,
 def latent_plots(run_dir: Path, out: Path, data_dir: str | None, max_images: int) -> list[Path]:
     """Scatter and KL bars from the run's checkpoint on (up to max_images) test images."""
     from engine import checkpoint as ckpt
-    from engine.evaluate import (gaussian_pass, gaussian_report, recon_kind, resolve_checkpoint,
-                                 split_loader)
+    from engine.evaluate import (
+        gaussian_pass,
+        gaussian_report,
+        recon_kind,
+        resolve_checkpoint,
+        split_loader,
+    )
 
     model, c = ckpt.load_model(resolve_checkpoint(str(run_dir)))
     if model.family in ("vqvae", "crystal"):

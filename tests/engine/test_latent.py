@@ -162,7 +162,6 @@ def test_data_subcommands_write_png_and_tensors(mlp_run, tmp_path, capsys, argv,
 
 
 BAD = [
-    (["random", "{missing}"], "cannot tell what"),
     (["grid", "{missing}"], "no artifact"),
     (["grid", "{run}", "--dims", 0, 4], "out of range"),
     (["grid", "{run}", "--dims", 2, 2], "must differ"),
