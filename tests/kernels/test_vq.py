@@ -59,11 +59,12 @@ def test_nearest_leading_dims_and_noncontiguous() -> None:
 
 
 def test_ties_go_to_the_lowest_index() -> None:
-    codebook = randn(6, 4)
-    codebook[4] = codebook[1]  # exact duplicate: equal distances for every x
-    x = codebook[[1, 4, 1]] + 0.01 * randn(3, 4)
-    assert kernels.vq_nearest(x, codebook).tolist() == [1, 1, 1]
-    assert kernels.vq_nearest_ref(x, codebook).tolist() == [1, 1, 1]
+    codebook = randn(70, 4)  # two 64-code tiles
+    codebook[66] = codebook[1]  # exact duplicates: equal distances for every x,
+    codebook[5] = codebook[3]  # across tiles (1, 66) and within a tile (3, 5)
+    x = codebook[[1, 66, 3, 5]] + 0.01 * randn(4, 4)
+    assert kernels.vq_nearest(x, codebook).tolist() == [1, 1, 3, 3]
+    assert kernels.vq_nearest_ref(x, codebook).tolist() == [1, 1, 3, 3]
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
