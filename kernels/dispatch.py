@@ -28,7 +28,7 @@ import torch
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 # Mutable holder instead of `global` rebinding; torch.compile guards on the value it reads.
-_STATE: dict[str, str] = {"backend": os.environ.get("VAE_KERNELS_BACKEND", "auto")}
+_STATE: dict[str, str] = {"backend": "auto"}
 
 
 def _validate(name: str) -> str:
