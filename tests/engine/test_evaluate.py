@@ -225,3 +225,23 @@ def test_crystal_checkpoints_are_delegated(tmp_path, monkeypatch, capsys):
                dataset="data/perov")
     assert ev.main([str(run), "--crystal-split", "val"]) == 0
     assert seen["argv"][1:5] == ["--dataset", "data/perov", "--split", "val"]
+
+
+def test_anomaly_summary_table(tmp_path, capsys):
+    from engine.anomaly import main as anomaly_main
+
+    paths = []
+    for c, auc in ((1, 0.25), (0, 0.75)):
+        report = {"elbo": -100.0, "checkpoint": f"no{c}", "anomaly": {
+            "holdout_class": c, "roc_auc": auc, "score": "-ELBO",
+            "mean_score_per_class": {"0": 150.0, "1": 60.0, "2": 120.0}}}
+        paths.append(tmp_path / f"r{c}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "s.json"
+    assert anomaly_main([*map(str, paths), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert [r["holdout_class"] for r in summary["per_class"]] == [0, 1]
+    assert summary["mean_roc_auc"] == pytest.approx(0.5)
+    assert summary["per_class"][1]["score_heldout"] == 60.0
+    assert summary["per_class"][1]["score_others"] == pytest.approx(135.0)
+    assert "| **mean** | **0.500** |" in capsys.readouterr().out
