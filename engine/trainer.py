@@ -99,8 +99,9 @@ def model_overrides(args: Namespace, family: str, info: dict[str, Any]) -> dict[
     fields = {f.name for f in dataclasses.fields(get_family(family).config_cls)}
     wanted = {"latent_dim": args.latent_dim, "hidden_dims": args.hidden_dims,
               "output": "sigmoid" if args.loss == "bce" else None}
-    for key in ("in_channels", "image_size", "max_atoms", "num_atom_types"):
+    for key in ("in_channels", "image_size"):
         wanted[key] = info.get(key)
+    wanted.update(info.get("model_overrides", {}))  # e.g. crystal: max_atoms, lattice stats
     if family.startswith("cvae"):
         wanted["num_classes"] = info.get("num_classes")
     return {k: v for k, v in wanted.items() if k in fields and v is not None}
