@@ -1,0 +1,93 @@
+"""Decoder latency through the runtime: eager PyTorch, bare ONNX Runtime, Sampler over ONNX
+Runtime, and AOTInductor (Sampler over a .pt2), for the MLP and Conv decoders, batch 1 and 256.
+
+    .venv/bin/python -m pytest benchmarks/test_runtime.py --benchmark-only
+
+Groups: <subject>-<mode>-<dtype>, e.g. `mlp_decoder-b1-fp32`; the provider is the parameter.
+Each timed call decodes one pre-drawn latent batch on the CPU (these benchmarks are CPU-only;
+benchmarks/gpu_runtime.py times the GPU). `onnxruntime-bare` is `session.run` on a numpy array,
+the floor the Sampler is measured against (acceptance: Sampler within 1.2x of it at batch 1,
+and >= 3x faster than eager at batch 1). extra_info carries images/s, device, versions, commit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SUBJECTS = {"mlp_decoder": ("mlp", "mlp-mnist"), "conv_decoder": ("conv", "conv-mnist")}
+PROVIDERS = ["eager", "onnxruntime-bare", "sampler-onnxruntime",
+             pytest.param("aoti", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """subject -> run dir with export/decoder.onnx (and decoder.pt2 when asked for)."""
+    from engine.checkpoint import save
+    from engine.models import build_model
+    from export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("bench")
+    runs: dict[str, object] = {}
+
+    def get(subject: str, aoti: bool = False):
+        if subject not in runs:
+            family, preset = SUBJECTS[subject]
+            torch.manual_seed(0)
+            run = root / subject
+            save(run / "last", build_model(family, preset=preset).eval())
+            export_onnx(run, parts="decoder", batches=(1, 7))
+            runs[subject] = run
+        run = runs[subject]
+        if aoti and not (run / "export" / "decoder.pt2").exists():
+            from export.aoti import export_aoti
+
+            export_aoti(run, batches=(1, 7))
+        return run
+
+    return get
+
+
+def _callable(provider: str, run, z: torch.Tensor):
+    from engine.runtime import Sampler
+
+    if provider == "eager":
+        from engine.checkpoint import load_model
+
+        view = load_model(run)[0].export_parts()["decoder"].module.eval()
+
+        def eager():
+            with torch.inference_mode():
+                return view(z)
+
+        return eager
+    if provider == "onnxruntime-bare":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(run / "export" / "decoder.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        feed = {"z": z.numpy()}
+        return lambda: session.run(None, feed)
+    if provider == "sampler-onnxruntime":
+        sampler = Sampler.load(run / "export" / "decoder.onnx")
+        return lambda: sampler.decode(z)
+    sampler = Sampler.load(run / "export" / "decoder.pt2")
+    return lambda: sampler.decode(z)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("subject", list(SUBJECTS))
+def test_decode(benchmark, record, exported, subject, batch, provider):
+    run = exported(subject, aoti=provider == "aoti")
+    latent = {"mlp_decoder": 20, "conv_decoder": 128}[subject]
+    z = torch.randn(batch, latent, generator=torch.Generator().manual_seed(0))
+    fn = _callable(provider, run, z)
+    benchmark.group = f"{subject}-b{batch}-fp32"
+    benchmark.extra_info.update(provider=provider, batch=batch, threads=torch.get_num_threads())
+    out = benchmark(fn)
+    out = out[0] if isinstance(out, list) else out
+    assert tuple(out.shape) == (batch, 1, 28, 28)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        record(median_ms=median * 1e3, images_per_second=batch / median)
