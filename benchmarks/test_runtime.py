@@ -12,8 +12,15 @@ and >= 3x faster than eager at batch 1). extra_info carries images/s, device, ve
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Every provider runs with the same thread count. The default is 1: the development machines
+# have 2 cores shared by several jobs, and 2 OpenMP threads under that load collapse (a Conv
+# decode at batch 1 took 163 ms with 2 threads vs 1.8 ms with 1, measured here).
+THREADS = int(os.environ.get("VAE_BENCH_THREADS", "1"))
 
 SUBJECTS = {"mlp_decoder": ("mlp", "mlp-mnist"), "conv_decoder": ("conv", "conv-mnist")}
 PROVIDERS = ["eager", "onnxruntime-bare", "sampler-onnxruntime",
@@ -48,6 +55,14 @@ def exported(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield THREADS
+    torch.set_num_threads(before)
+
+
 def _callable(provider: str, run, z: torch.Tensor):
     from engine.runtime import Sampler
 
@@ -64,12 +79,14 @@ def _callable(provider: str, run, z: torch.Tensor):
     if provider == "onnxruntime-bare":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(run / "export" / "decoder.onnx"),
+        opts = ort.SessionOptions()  # what Sampler.load(threads=THREADS) sets
+        opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
+        session = ort.InferenceSession(str(run / "export" / "decoder.onnx"), opts,
                                        providers=["CPUExecutionProvider"])
         feed = {"z": z.numpy()}
         return lambda: session.run(None, feed)
     if provider == "sampler-onnxruntime":
-        sampler = Sampler.load(run / "export" / "decoder.onnx")
+        sampler = Sampler.load(run / "export" / "decoder.onnx", threads=THREADS)
         return lambda: sampler.decode(z)
     sampler = Sampler.load(run / "export" / "decoder.pt2")
     return lambda: sampler.decode(z)
@@ -78,13 +95,13 @@ def _callable(provider: str, run, z: torch.Tensor):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", [1, 256])
 @pytest.mark.parametrize("subject", list(SUBJECTS))
-def test_decode(benchmark, record, exported, subject, batch, provider):
+def test_decode(benchmark, record, exported, threads, subject, batch, provider):
     run = exported(subject, aoti=provider == "aoti")
     latent = {"mlp_decoder": 20, "conv_decoder": 128}[subject]
     z = torch.randn(batch, latent, generator=torch.Generator().manual_seed(0))
     fn = _callable(provider, run, z)
     benchmark.group = f"{subject}-b{batch}-fp32"
-    benchmark.extra_info.update(provider=provider, batch=batch, threads=torch.get_num_threads())
+    benchmark.extra_info.update(provider=provider, batch=batch, threads=threads)
     out = benchmark(fn)
     out = out[0] if isinstance(out, list) else out
     assert tuple(out.shape) == (batch, 1, 28, 28)

@@ -113,6 +113,10 @@ class Backend:
     def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError
 
+    def run1(self, z: Tensor) -> Tensor:
+        """One latent batch in, the first output out (backends may shorten this path)."""
+        return self.run((z,))[0]
+
     def part(self, name: str) -> Backend:
         """Another part (the encoder) of the same export: same format and precision if the
         manifest beside the artifact lists one, else any that runs on this device."""
@@ -167,13 +171,15 @@ class OnnxRuntimeBackend(Backend):
     install_hint = "pip install onnxruntime (CPU) or onnxruntime-gpu (never both)"
     PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
-    def __init__(self, path: Path, device: str | None = None) -> None:
+    def __init__(self, path: Path, device: str | None = None, threads: int | None = None) -> None:
         ort = self.require()
         fix = "re-export it with python -m export.onnx CKPT"
         entry = _verify(path, fix)
         self.path, self.precision = path, (entry or {}).get("precision", "fp32")
         providers = self._providers(ort, device)
         opts = ort.SessionOptions()
+        if threads:  # ONNX Runtime's own pool; torch's threads are a process-wide setting
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -187,7 +193,10 @@ class OnnxRuntimeBackend(Backend):
         self.device = torch.device("cuda" if on_gpu else "cpu")
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
-        self._run = self.session.run
+        # The C++ session's run(names, feed, options) skips the Python wrapper's per-call input
+        # validation (done once here); public `run` has the same positional signature.
+        self._run = getattr(self.session, "_sess", self.session).run
+        self._out_names = list(self.output_names)
         self._first = self.input_names[0]
         if on_gpu:
             _np_dtypes()
@@ -208,13 +217,18 @@ class OnnxRuntimeBackend(Backend):
             if wanted[0] != "CPUExecutionProvider" else {}
         return [(p, stream) if p != "CPUExecutionProvider" else p for p in wanted]
 
-    # CPU: one numpy view in, numpy views out; nothing else on the path.
+    # CPU: numpy views in, numpy arrays out wrapped by torch.from_numpy: no copies.
     def _run_cpu_1(self, inputs: Sequence[Tensor]) -> list[Tensor]:
-        return [torch.from_numpy(o) for o in self._run(None, {self._first: inputs[0].numpy()})]
+        feed = {self._first: inputs[0].detach().numpy()}
+        return [torch.from_numpy(o) for o in self._run(self._out_names, feed, None)]
 
     def _run_cpu(self, inputs: Sequence[Tensor]) -> list[Tensor]:
-        feed = {n: t.numpy() for n, t in zip(self.input_names, inputs)}
-        return [torch.from_numpy(o) for o in self._run(None, feed)]
+        feed = {n: t.detach().numpy() for n, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(o) for o in self._run(self._out_names, feed, None)]
+
+    def run1(self, z: Tensor) -> Tensor:
+        """The batch-1 hot path (one input, one output, CPU): the least Python there is."""
+        return torch.from_numpy(self._run(self._out_names, {self._first: z.numpy()}, None)[0])
 
     def _run_cuda(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         import numpy as np
@@ -277,6 +291,9 @@ class AOTInductorBackend(Backend):
 
     def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         return self._boxed([t.contiguous() for t in inputs])
+
+    def run1(self, z: Tensor) -> Tensor:
+        return self._boxed([z.contiguous()])[0]
 
 
 class EagerBackend(Backend):
@@ -429,21 +446,30 @@ class Sampler:
         self._tail = torch.Size(spec.latent_shape)
         self._dtype = spec.latent_dtype
         self._cond = spec.conditional
+        # decode() goes straight to run1 when nothing else can be needed: unconditional, one
+        # output, no lower/upper batch bound, latents already on the device, no autograd.
+        single = len(spec.output_names) == 1 and len(spec.input_names) == 1
+        self._direct = single and backend.batch_range == (1, None)
+        self._run1 = backend.run1
+        self._cpu = self.device.type == "cpu"
         self._gen = torch.Generator(device=self.device)
         self._gen.seed()
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | None = None,
-             device: str | None = None, compile: bool = False) -> Sampler:
+             device: str | None = None, compile: bool = False,
+             threads: int | None = None) -> Sampler:
         """Open an artifact (.onnx / .engine / .plan / .pt2), an export directory (its decoder,
         on the fastest installed backend) or a checkpoint/run directory (PyTorch eager, or
-        torch.compile with compile=True)."""
+        torch.compile with compile=True). `threads` sizes ONNX Runtime's intra-op pool."""
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
         cls_ = BACKENDS[name]  # each backend imports its library itself and says if it's missing
         if cls_ is EagerBackend:
             return cls(EagerBackend(artifact, device, compile or backend == "compile"), artifact)
+        if cls_ is OnnxRuntimeBackend:
+            return cls(cls_(artifact, device, threads), artifact)
         return cls(cls_(artifact, device), artifact)
 
     @property
@@ -460,13 +486,12 @@ class Sampler:
         Batches larger than the engine's profile are split; smaller ones are padded."""
         if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
             self._latent_error(z)
-        if z.device != self.device:
-            z = z.to(self.device)
+        if (self._direct and labels is None and not z.requires_grad
+                and (z.is_cpu if self._cpu else z.device == self.device) and z.shape[0]):
+            return self._run1(z)  # the hot path: nothing else happens
+        z = z.detach().to(self.device)
         if self._cond or labels is not None:
             return self._call((z, self._labels(labels, z.shape[0])))
-        lo, hi = self._backend.batch_range
-        if lo <= z.shape[0] and (hi is None or z.shape[0] <= hi):
-            return self._run((z,))[0]  # the batch-1 fast path: nothing else happens
         return self._call((z,))
 
     def _call(self, inputs: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:

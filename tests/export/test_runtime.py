@@ -63,14 +63,16 @@ def test_vq_samples_are_codes_decoded(onnx_exported):
     assert s.sample(5, seed=0).shape == (5, 1, 28, 28)
 
 
-def test_batches_outside_the_profile_are_split_or_padded(onnx_exported, monkeypatch):
-    s = Sampler.load(onnx_exported("mlp"))
-    z = s.latents(20, seed=1)
-    full = s.decode(z)
+def test_batches_outside_the_profile_are_split_or_padded(onnx_exported):
+    path = onnx_exported("mlp") / "decoder.onnx"
+    z = Sampler.load(path).latents(20, seed=1)
+    full = Sampler.load(path).decode(z)
+    backend = runtime.OnnxRuntimeBackend(path)
+    backend.batch_range = (4, 8)  # as a TensorRT profile would be
     seen = []
-    run = s._run
-    s._run = lambda inputs: seen.append(inputs[0].shape[0]) or run(inputs)
-    monkeypatch.setattr(s._backend, "batch_range", (4, 8))  # as a TensorRT profile would be
+    run = backend.run
+    backend.run = lambda inputs: seen.append(inputs[0].shape[0]) or run(inputs)
+    s = Sampler(backend, path)
     torch.testing.assert_close(s.decode(z), full)
     assert seen == [8, 8, 4]
     torch.testing.assert_close(s.decode(z[:2]), full[:2])  # padded up to the minimum
