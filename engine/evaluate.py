@@ -18,7 +18,8 @@ Reports (JSON to --out, and a table on stdout), per image and averaged over the 
   VQ-VAE: codebook usage, perplexity exp(H) of the code histogram over the whole split, and
       dead codes (never chosen);
   --anomaly --holdout-class C: score = -ELBO (or -IWAE_k with --iw-samples k > 1) per image,
-      ROC-AUC of class C (positive) against the rest, see engine.anomaly.
+      ROC-AUC of class C (positive) against the rest, see engine.anomaly; with
+      --anomaly-score complexity the score is corrected by a zlib code length.
 
 The data comes from the checkpoint's training config (dataset, --binarize -> the fixed
 "static" binarization of the test set, --pad-to-32); --data-dir or $VAE_DATA_DIR locate it.
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-images", type=int, default=None, help="evaluate only the first N images")
     a("--anomaly", action="store_true", help="score images and report ROC-AUC")
     a("--holdout-class", type=int, default=None, help="the anomalous class for --anomaly")
+    a("--anomaly-score", default="elbo", help="elbo: -ELBO (-IWAE_k with --iw-samples k);"
+      " complexity: that minus a zlib code length (see engine.anomaly)")
     a("--ema", action="store_true", help="evaluate the EMA weights when present")
     a("--data-dir", default=None, help="dataset root (else the checkpoint's, else $VAE_DATA_DIR)")
     a("--dataset", default=None, help="override the checkpoint's dataset (crystal: CSV/dir)")
@@ -212,6 +215,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--max-rows and --batch-size must be >= 1")
     if args.anomaly and args.holdout_class is None:
         raise ValueError("--anomaly needs --holdout-class C (the class treated as anomalous)")
+    if args.anomaly_score not in ("elbo", "complexity"):
+        raise ValueError(f"--anomaly-score must be elbo or complexity, got {args.anomaly_score!r}")
     if args.holdout_class is not None and not args.anomaly:
         raise ValueError("--holdout-class only applies with --anomaly")
 
@@ -249,7 +254,13 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         if args.anomaly:
             from engine.anomaly import anomaly_report
 
-            report["anomaly"] = anomaly_report(stats, args.holdout_class, args.iw_samples)
+            complexity = None
+            if args.anomaly_score == "complexity":
+                from engine.anomaly import complexity_nats
+
+                complexity = complexity_nats(loader.images, bool(train_cfg.get("binarize")))
+            report["anomaly"] = anomaly_report(stats, args.holdout_class, args.iw_samples,
+                                               complexity)
     report["seconds"] = time.perf_counter() - start
     return report
 

@@ -38,7 +38,7 @@ def _save(fig, path: Path) -> Path:
     """Write through a temp file + rename, so a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=90, bbox_inches="tight")
     os.replace(tmp, path)
     return path
 
@@ -66,8 +66,10 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
             if key == "beta" and prefix == "val_":
                 ys = [r.get("beta") for r in rows]
             if any(v is not None for v in ys):
+                label = prefix.rstrip("_") if key != "beta" else \
+                    ("epoch mean" if prefix == "train_" else "at epoch end")
                 ax.plot(x, [float("nan") if v is None else v for v in ys], style, marker="o",
-                        ms=3, label=prefix.rstrip("_") if key != "beta" else "beta")
+                        ms=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -63,6 +63,18 @@ anomaly() {
   done
   $PY -m engine.anomaly "${reports[@]}" --json "$RESULTS/anomaly_mnist.json" \
     --markdown "$RESULTS/anomaly_mnist.md"
+  anomaly_complexity
+}
+
+anomaly_complexity() {  # the same 10 models, score corrected by a zlib code length
+  local reports=()
+  for c in 0 1 2 3 4 5 6 7 8 9; do
+    $PY -m engine.evaluate "$RUNS/anomaly/no$c" --anomaly --holdout-class "$c" \
+      --anomaly-score complexity --out "$RUNS/anomaly/no$c/anomaly_complexity.json"
+    reports+=("$RUNS/anomaly/no$c/anomaly_complexity.json")
+  done
+  $PY -m engine.anomaly "${reports[@]}" --json "$RESULTS/anomaly_mnist_complexity.json" \
+    --markdown "$RESULTS/anomaly_mnist_complexity.md"
 }
 
 vq_train() {  # vq_train NAME DEAD_CODE_THRESHOLD: a preset registered for this run only
@@ -110,7 +122,8 @@ case "${1:-all}" in
   quality) quality ;;
   fmnist) fmnist ;;
   anomaly) anomaly ;;
+  anomaly-complexity) anomaly_complexity ;;
   vq) vq ;;
   all) quality; fmnist; anomaly; vq ;;
-  *) echo "usage: $0 [quality|fmnist|anomaly|vq|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quality|fmnist|anomaly|anomaly-complexity|vq|all]" >&2; exit 2 ;;
 esac

@@ -245,3 +245,23 @@ def test_anomaly_summary_table(tmp_path, capsys):
     assert summary["per_class"][1]["score_heldout"] == 60.0
     assert summary["per_class"][1]["score_others"] == pytest.approx(135.0)
     assert "| **mean** | **0.500** |" in capsys.readouterr().out
+
+
+def test_complexity_is_larger_for_busier_images():
+    from engine.anomaly import complexity_nats
+
+    images = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    images[1, :, 10:12, :] = 255
+    images[2] = (torch.rand(1, 28, 28) < 0.5).to(torch.uint8) * 255
+    length = complexity_nats(images, binary=True)
+    assert length[0] < length[1] < length[2]
+
+
+@needs_mnist
+def test_cli_complexity_corrected_anomaly_score(trained_mlp, tmp_path, capsys):
+    run = save(tmp_path, trained_mlp)
+    out = tmp_path / "r.json"
+    assert ev.main([str(run), "--max-images", "200", "--anomaly", "--holdout-class", "1",
+                    "--anomaly-score", "complexity", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["anomaly"]["score"] == "-ELBO - L_zlib"
+    assert ev.main([str(run), "--anomaly", "--holdout-class", "1", "--anomaly-score", "x"]) == 2
