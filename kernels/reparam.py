@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kernels import dispatch
-from kernels._common import OpPair, cdiv, check_pair, jit, launch, seed_tensor
+from kernels._common import OpPair, cdiv, check_pair, jit, launch, next_pow2, seed_tensor
 from kernels._random import _normal_block
 
 tl: Any = None  # bound to triton.language on first launch (kernels._common.LazyJit)
@@ -72,7 +72,7 @@ def _reparameterize_bwd_kernel(
 
 def _launch_params(n: int) -> dict[str, int]:
     """1024 elements per program (8 per thread with 4 warps); a smaller block for tiny inputs."""
-    block = min(1024, max(16, 1 << max(0, n - 1).bit_length()))
+    block = min(1024, max(16, next_pow2(n)))
     return {"BLOCK": block, "num_warps": 4 if block >= 512 else 1}
 
 

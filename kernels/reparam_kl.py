@@ -27,6 +27,7 @@ from kernels import dispatch
 from kernels._common import OpPair, cdiv, check_pair, jit, launch, next_pow2, seed_tensor
 from kernels._random import _normal_at, _normal_block
 from kernels.kl import _acc_dtype, _rows, kl_divergence_ref
+from kernels.reparam import _launch_params as _bwd_params  # the same flat layout
 from kernels.reparam import ref_seed, reparameterize_ref
 
 tl: Any = None  # bound to triton.language on first launch (kernels._common.LazyJit)
@@ -97,12 +98,6 @@ def _fwd_params(rows: int, dim: int) -> dict[str, int]:
     block_d = min(512, max(16, next_pow2(dim)))
     block_r = min(max(1, 2048 // block_d), max(1, next_pow2(rows)))
     return {"BLOCK_R": block_r, "BLOCK_D": block_d, "num_warps": 4}
-
-
-def _bwd_params(n: int) -> dict[str, int]:
-    """1024 elements per program (8 per thread with 4 warps); a smaller block for tiny inputs."""
-    block = min(1024, max(16, next_pow2(n)))
-    return {"BLOCK": block, "num_warps": 4 if block >= 512 else 1}
 
 
 def _fwd_impl(
