@@ -54,6 +54,11 @@ class ModelSpec:
     output_names: tuple[str, ...]
     config: dict[str, Any]
 
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Decoder inputs besides the latent and the labels (e.g. a crystal's atom mask)."""
+        return self.input_names[1 + self.conditional:]
+
     @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str) -> ModelSpec:
         """From the string map of export.manifest.artifact_metadata() (ONNX / .pt2 / sidecar)."""
@@ -480,8 +485,10 @@ class Sampler:
                            s.conditional, s.num_classes, str(self.artifact))
 
     # --- decode -------------------------------------------------------------------------------
-    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
-        """z (B, *latent_shape) [+ labels (B,) int] -> outputs (B, *output_shape) on `device`.
+    def decode(self, z: Tensor, labels: Tensor | None = None, **extra: Tensor
+               ) -> Tensor | tuple[Tensor, ...]:
+        """z (B, *latent_shape) [+ labels (B,) int] [+ extra inputs by name, e.g. mask=] ->
+        outputs (B, *output_shape) on `device` (a tuple when the decoder has several heads).
 
         Batches larger than the engine's profile are split; smaller ones are padded."""
         if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
@@ -489,10 +496,24 @@ class Sampler:
         if (self._direct and labels is None and not z.requires_grad
                 and (z.is_cpu if self._cpu else z.device == self.device) and z.shape[0]):
             return self._run1(z)  # the hot path: nothing else happens
-        z = z.detach().to(self.device)
-        if self._cond or labels is not None:
-            return self._call((z, self._labels(labels, z.shape[0])))
-        return self._call((z,))
+        return self._call(self._inputs(z.detach().to(self.device), labels, extra))
+
+    def _inputs(self, z: Tensor, labels: Any, extra: dict[str, Any]) -> tuple[Tensor, ...]:
+        """The decoder's inputs in graph order, each checked."""
+        n, s = z.shape[0], self.spec
+        inputs = (z, self._labels(labels, n)) if self._cond or labels is not None else (z,)
+        unknown = sorted(set(extra) - set(s.extra_inputs))
+        missing = [name for name in s.extra_inputs if name not in extra]
+        if unknown or missing:
+            raise ValueError(f"this {s.family} decoder takes inputs {list(s.input_names)}: missing"
+                             f" {missing}, unexpected {unknown}; pass them by name with batch {n}")
+        for name in s.extra_inputs:
+            t = torch.as_tensor(extra[name])
+            if t.shape[:1] != (n,):
+                raise ValueError(f"decode(): input {name!r} must have batch {n} like the latent,"
+                                 f" got shape {tuple(t.shape)}")
+            inputs += (t.to(self.device),)
+        return inputs
 
     def _call(self, inputs: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
         outs = self._run_batched(self._run, self._backend.batch_range, inputs)
@@ -554,25 +575,27 @@ class Sampler:
         return torch.randn(shape, generator=gen, device=self.device, dtype=self._dtype)
 
     def sample(self, n: int, batch_size: int | None = None, seed: int | None = None,
-               labels: Any = None) -> Tensor:
+               labels: Any = None, **extra: Tensor) -> Tensor | tuple[Tensor, ...]:
         """n samples (n, *output_shape). All latents are drawn first, so a seed gives the same
-        images whatever the batch size; decoding runs in batches of `batch_size` (default: the
-        engine's max, or DEFAULT_CHUNK) written into one pre-allocated output."""
+        samples whatever the batch size; decoding runs in batches of `batch_size` (default: the
+        engine's max, or DEFAULT_CHUNK) written into outputs allocated once for all n.
+        `extra` holds the decoder's other inputs for all n rows (e.g. mask= for crystals)."""
         if n < 1:
             raise ValueError(f"sample(): n must be >= 1, got {n}")
-        z = self.latents(n, seed)
-        y = self._labels(labels, n) if self._cond or labels is not None else None
+        inputs = self._inputs(self.latents(n, seed), labels, extra)
         bs = self._batch_size(n, batch_size)
         if n <= bs:
-            return self._call((z,) if y is None else (z, y))
-        out = None
+            return self._call(inputs)
+        outs: list[Tensor] = []
         for i in range(0, n, bs):
-            inputs = (z[i:i + bs],) if y is None else (z[i:i + bs], y[i:i + bs])
-            o = self._run_batched(self._run, self._backend.batch_range, inputs)[0]
-            if out is None:  # one allocation for all n
-                out = torch.empty((n, *o.shape[1:]), dtype=o.dtype, device=o.device)
-            out[i:i + o.shape[0]] = o
-        return out
+            part = self._run_batched(self._run, self._backend.batch_range,
+                                     tuple(t[i:i + bs] for t in inputs))
+            if not outs:  # one allocation per output for all n
+                outs = [torch.empty((n, *o.shape[1:]), dtype=o.dtype, device=o.device)
+                        for o in part]
+            for out, o in zip(outs, part):
+                out[i:i + o.shape[0]] = o
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _batch_size(self, n: int, batch_size: int | None) -> int:
         lo, hi = self._backend.batch_range

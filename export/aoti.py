@@ -35,22 +35,13 @@ from export.common import (
     ExportError,
     check_parity,
     default_export_dir,
+    dynamic_shapes,
     load_source,
     model_description,
     on_device,
     parse_parts,
     part_specs,
 )
-
-
-def dynamic_shapes(part: Any) -> tuple[dict[int, Any], ...]:
-    """Positional dynamic shapes: one `Dim` per axis name, shared across inputs."""
-    dims: dict[str, Any] = {}
-    spec = []
-    for name in part.input_names:
-        axes = part.dynamic_axes.get(name, {0: "batch"})
-        spec.append({i: dims.setdefault(a, torch.export.Dim(a, min=1)) for i, a in axes.items()})
-    return tuple(spec)
 
 
 def export_program(part: Any) -> torch.export.ExportedProgram:

@@ -107,27 +107,43 @@ def parse_parts(text: str | None, available: Sequence[str]) -> list[str]:
     return parts
 
 
-def int_input_bound(name: str, example: Tensor, config: dict[str, Any]) -> int:
-    """Exclusive upper bound of an integer input: labels < num_classes, codes < num_codes."""
-    for key in ("num_classes", "num_codes") if name in ("y", "labels") else ("num_codes",):
-        if int(config.get(key, 0) or 0) > 0:
-            return int(config[key])
-    return int(example.max().item()) + 1
+def dynamic_shapes(part: Any) -> tuple[dict[int, Any], ...]:
+    """Positional torch.export dynamic shapes of an ExportPart: one `Dim` per axis name (shared
+    across inputs, e.g. "batch", "atoms"), every axis at least 1."""
+    dims: dict[str, Any] = {}
+    spec = []
+    for name in part.input_names:
+        axes = part.dynamic_axes.get(name, {0: "batch"})
+        spec.append({i: dims.setdefault(a, torch.export.Dim(a, min=1)) for i, a in axes.items()})
+    return tuple(spec)
 
 
 def random_inputs(
     names: Sequence[str], examples: Sequence[Tensor], config: dict[str, Any], batch: int,
     generator: torch.Generator,
 ) -> tuple[Tensor, ...]:
-    """Fresh inputs like the part's examples at batch size `batch` (batch axis 0)."""
+    """Fresh inputs like the part's examples at batch size `batch` (batch axis 0):
+
+    z, z_*            N(0, I)
+    images, x         U[0, 1)
+    y, labels         uniform in [0, num_classes)      codes: uniform in [0, num_codes)
+    anything else     rows of the part's own examples (one shared random row index per item),
+                      so inputs that must agree with each other (a mask and atom types) stay valid
+    """
+    rows = torch.randint(examples[0].shape[0], (batch,), generator=generator)
+    bounds = {"y": "num_classes", "labels": "num_classes", "codes": "num_codes"}
     out = []
     for name, ex in zip(names, examples):
         shape = (batch, *ex.shape[1:])
-        if ex.dtype.is_floating_point:
+        bound = int(config.get(bounds.get(name, ""), 0) or 0)
+        if ex.dtype.is_floating_point and (name == "z" or name.startswith("z_")):
             t = torch.randn(shape, generator=generator).to(ex.dtype)
-        else:
-            bound = int_input_bound(name, ex, config)
+        elif ex.dtype.is_floating_point and name in ("images", "x"):
+            t = torch.rand(shape, generator=generator).to(ex.dtype)
+        elif bound > 0 and not ex.dtype.is_floating_point:
             t = torch.randint(bound, shape, generator=generator).to(ex.dtype)
+        else:
+            t = ex.detach().cpu()[rows]
         out.append(t.to(ex.device))
     return tuple(out)
 

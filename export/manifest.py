@@ -10,7 +10,7 @@ into one directory never lose each other's entries. Layout (format 1):
         "config": {...},              # the checkpoint's model config; rebuilds the model
         "family": "mlp",
         "latent": {"kind": "gaussian" | "codes", "shape": [20], "dtype": "float32",
-                   "num_codes": 0},
+                   "num_codes": 0, "dynamic_axes": {}},   # non-batch dynamic axes
         "output_shape": [1, 28, 28],  # decoder output per item
         "conditional": false, "num_classes": 0
       },
@@ -19,7 +19,7 @@ into one directory never lose each other's entries. Layout (format 1):
           "part": "decoder", "format": "onnx" | "aoti" | "tensorrt", "file": "decoder.onnx",
           "sha256": "...", "bytes": 1234, "precision": "fp32", "device": "cpu",
           "inputs":  [{"name": "z", "shape": ["batch", 20], "dtype": "float32",
-                       "dynamic_axes": {"0": "batch"}}],
+                       "dynamic_axes": {"0": "batch"}, "example_shape": [2, 20]}],
           "outputs": [{"name": "images", "shape": ["batch", 1, 28, 28], ...}],
           "batch_range": [1, null],    # [min, max]; null = unbounded
           "settings": {...},           # opset, fp16, optimizer, torch version, ...
@@ -53,6 +53,7 @@ from engine.checkpoint import atomic_write_json, sha256
 FORMAT = 1
 MANIFEST = "manifest.json"
 _LOCK = ".manifest.lock"
+LABEL_INPUTS = ("y", "labels")  # decoder inputs that carry class labels (conditional models)
 
 
 class ManifestError(RuntimeError):
@@ -72,7 +73,8 @@ def tensor_specs(
         axes = dynamic_axes.get(name, {0: "batch"})
         shape = [axes.get(i, int(d)) for i, d in enumerate(t.shape)]
         specs.append({"name": name, "shape": shape, "dtype": dtype_name(t.dtype),
-                      "dynamic_axes": {str(k): v for k, v in axes.items()}})
+                      "dynamic_axes": {str(k): v for k, v in axes.items()},
+                      "example_shape": [int(d) for d in t.shape]})
     return specs
 
 
@@ -81,16 +83,21 @@ def model_section(config: dict[str, Any], decoder_inputs: list[dict], decoder_ou
     """The model description every artifact shares, from the decoder part's specs."""
     latent = decoder_inputs[0]
     is_codes = not latent["dtype"].startswith(("float", "bfloat"))
-    label_inputs = [s["name"] for s in decoder_inputs[1:]]
+    names = [s["name"] for s in decoder_inputs[1:]]
+    label_inputs = [n for n in names if n in LABEL_INPUTS]
     return {
         "config": config,
         "family": config.get("family", ""),
+        # Concrete per-item shapes (a dynamic non-batch axis, e.g. a crystal's "atoms", at its
+        # example size, listed in latent.dynamic_axes): what sampling draws.
         "latent": {"kind": "codes" if is_codes else "gaussian", "name": latent["name"],
-                   "shape": latent["shape"][1:], "dtype": latent["dtype"],
-                   "num_codes": int(config.get("num_codes", 0) or 0) if is_codes else 0},
-        "output_shape": decoder_outputs[0]["shape"][1:],
+                   "shape": latent["example_shape"][1:], "dtype": latent["dtype"],
+                   "num_codes": int(config.get("num_codes", 0) or 0) if is_codes else 0,
+                   "dynamic_axes": {k: v for k, v in latent["dynamic_axes"].items() if k != "0"}},
+        "output_shape": decoder_outputs[0]["example_shape"][1:],
         "conditional": bool(label_inputs),
         "label_input": label_inputs[0] if label_inputs else None,
+        "extra_inputs": [n for n in names if n not in LABEL_INPUTS],  # e.g. a crystal's mask
         "num_classes": int(config.get("num_classes", 0) or 0),
     }
 

@@ -40,6 +40,7 @@ from export.common import (
     ExportError,
     check_parity,
     default_export_dir,
+    dynamic_shapes,
     load_source,
     model_description,
     parse_parts,
@@ -75,9 +76,7 @@ def random_ops(model: Any) -> list[str]:
 def to_onnx(part: Any, opset: int, fp16: bool, optimize: bool = True) -> tuple[Any, dict]:
     """torch.onnx.export of an ExportPart -> (onnx.ModelProto, settings)."""
     module = CastView(part.module, torch.float16) if fp16 else part.module
-    batch = torch.export.Dim("batch", min=1)
-    per_input = tuple({i: batch for i in part.dynamic_axes.get(n, {0: "batch"})}
-                      for n in part.input_names)
+    per_input = dynamic_shapes(part)
     # CastView takes *inputs: torch.export wants the varargs' shapes nested one level down.
     shapes = (per_input,) if fp16 else per_input
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -23,6 +23,7 @@ FAMILIES = {
     "conv": ("conv", "conv-small", {}),
     "cvae-conv": ("cvae-conv", "cvae-conv-mnist", {"hidden_dims": (16, 32), "latent_dim": 8}),
     "vqvae": ("vqvae", "vqvae-small", {}),
+    "crystal": ("crystal", "crystal-small", {}),  # multi-head decoder with a mask input
 }
 
 

@@ -24,10 +24,12 @@ def test_onnx_default_out_dir_and_manifest(onnx_exported):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert sorted(manifest["artifacts"]) == ["decoder.onnx", "encoder.onnx"]
     assert manifest["model"]["latent"] == {"kind": "gaussian", "name": "z", "shape": [16],
-                                           "dtype": "float32", "num_codes": 0}
+                                           "dtype": "float32", "num_codes": 0,
+                                           "dynamic_axes": {}}
     entry = manifest["artifacts"]["decoder.onnx"]
     assert entry["outputs"] == [{"name": "images", "shape": ["batch", 1, 28, 28],
-                                 "dtype": "float32", "dynamic_axes": {"0": "batch"}}]
+                                 "dtype": "float32", "dynamic_axes": {"0": "batch"},
+                                 "example_shape": [2, 1, 28, 28]}]
     assert entry["settings"]["nodes"] <= entry["settings"]["nodes_before_optimize"]
 
 

@@ -114,3 +114,25 @@ def test_conditional_metadata(onnx_exported):
     assert model["conditional"] and model["num_classes"] == 10 and model["label_input"] == "y"
     assert [i["name"] for i in manifest["artifacts"]["decoder.onnx"]["inputs"]] == ["z", "y"]
     assert manifest["artifacts"]["decoder.onnx"]["inputs"][1]["dtype"] == "int64"
+
+
+def test_crystal_decoder_with_extra_inputs(checkpoints, tmp_path):
+    """A family with several heads and a second input (the atom mask): export stays generic."""
+    from engine.models.registry import FAMILIES, _ensure_registered
+    from export.onnx import export_onnx
+
+    _ensure_registered()
+    if "crystal" not in FAMILIES:
+        pytest.skip("the crystal family is not registered")
+    run = checkpoints("crystal")
+    export_onnx(run, tmp_path, parts="decoder", batches=(1, 7))
+    ort, eager = Sampler.load(tmp_path), Sampler.load(run)
+    assert ort.spec.extra_inputs == ("mask",) and not ort.spec.conditional
+    n_atoms = ort.spec.latent_shape[0]
+    mask = torch.arange(n_atoms) < torch.randint(1, n_atoms + 1, (7, 1))
+    a = ort.sample(7, seed=0, batch_size=3, mask=mask)
+    b = eager.sample(7, seed=0, mask=mask)
+    assert isinstance(a, tuple) and len(a) == len(b) == 4
+    assert_agree(tuple(b), tuple(a), "crystal heads")
+    with pytest.raises(ValueError, match=r"missing \['mask'\]"):
+        ort.sample(2)
