@@ -205,6 +205,7 @@ class OnnxRuntimeBackend(Backend):
         self._first = self.input_names[0]
         if on_gpu:
             _np_dtypes()
+            self.run1 = lambda z: self._run_cuda((z,))[0]
         self.run = self._run_cuda if on_gpu else self._run_cpu_1 if len(self.input_names) == 1 \
             else self._run_cpu
 
