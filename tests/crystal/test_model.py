@@ -147,9 +147,14 @@ def test_wrapped_distance():
 
 
 @pytest.mark.slow
-def test_compiled_loss_matches_eager(monkeypatch):
-    # fallback_random: Inductor draws the reparameterization noise exactly as eager does
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiled_loss_matches_eager():
+    # fallback_random: Inductor draws the reparameterization noise exactly as eager does.
+    # config.patch restores the setting on exit (monkeypatch would delete the entry).
+    with torch._inductor.config.patch(fallback_random=True):
+        _compiled_loss_matches_eager()
+
+
+def _compiled_loss_matches_eager():
     model = small_model().eval()
     batch = random_batch([3, 8, 1], pad_to=8)
     compiled = torch.compile(lambda b, w: model.training_loss(b, None, w), fullgraph=True)

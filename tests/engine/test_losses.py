@@ -125,12 +125,15 @@ def test_tcvae_objective_trains_end_to_end():
 
 @torch.no_grad()
 def test_iwae_bound_is_above_elbo_and_grows_with_k():
+    """Split K samples into blocks of k: by Jensen, log of the mean over all K weights is >= the
+    mean over blocks of the log of each block's mean, so the block-averaged bound can only
+    grow with k, starting from the ELBO at k = 1. This holds for every draw, not on average."""
     model = build_model("mlp", hidden_dims=(32,), latent_dim=4).eval()
     x = torch.bernoulli(torch.rand(16, 1, 28, 28))
-    log_w = log_importance_weights(model, x, None, 4096)  # (K, B)
-    elbo = log_w.mean(0)
-    bounds = [iwae_bound(log_w[:k]) for k in (1, 16, 256, 4096)]
-    torch.testing.assert_close(bounds[0], log_w[0])
-    for k_small, k_large in zip(bounds, bounds[1:]):  # E[bound_K] is non-decreasing in K
-        assert k_large.mean() >= k_small.mean() - 1e-3
-    assert (bounds[-1] >= elbo - 1e-4).all()
+    log_w = log_importance_weights(model, x, None, 4096).double()  # (K, B)
+    bounds = [iwae_bound(log_w.view(4096 // k, k, -1).transpose(0, 1)).mean(0)
+              for k in (1, 16, 256, 4096)]  # per image, averaged over blocks
+    torch.testing.assert_close(bounds[0], log_w.mean(0))  # k = 1 is the ELBO estimate
+    for smaller, larger in zip(bounds, bounds[1:]):
+        assert (larger >= smaller - 1e-9).all()
+    assert (bounds[-1] > bounds[0]).all()  # strictly tighter than the ELBO for a real posterior

@@ -43,12 +43,14 @@ def first_losses(argv, n_steps):
 
 @needs_mnist
 @pytest.mark.slow
-def test_compiled_step_matches_eager(tmp_path, monkeypatch):
-    import torch._inductor.config as inductor_config
-
+def test_compiled_step_matches_eager(tmp_path):
     # Inductor's own RNG differs from eager's; fallback_random makes compiled randn use the
     # same generator, so any difference left is in the compiled arithmetic itself.
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled_matches_eager(tmp_path)
+
+
+def compiled_matches_eager(tmp_path):
     argv = args_for(tmp_path, "--model", "mlp", "--hidden-dims", "64", "--seed", "3",
                     "--kernels", "torch")
     eager = first_losses(argv, 5)
