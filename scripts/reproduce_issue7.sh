@@ -39,13 +39,18 @@ quality() {
   $PY -m engine.plot "$RUNS/mnist-quality"
   cp "$RUNS/mnist-quality/plots/curves.png" "$RESULTS/mnist_curves.png"
   cp "$RUNS/mnist-quality/plots/kl_per_dim.png" "$RESULTS/mnist_kl_per_dim.png"
+  # the 11 active dims of the run in docs/results (see mnist_quality.json "activity_per_dim")
+  $PY -m engine.sample traverse "$RUNS/mnist-quality" --index 0 \
+    --dims 1 5 6 7 9 10 12 18 20 24 31 --k 3 --steps 9 --out "$RESULTS/mnist_traverse.png"
+  $PY -m engine.sample interpolate "$RUNS/mnist-quality" --indices 0 1 --steps 10 \
+    --method slerp --out "$RESULTS/mnist_interpolate_slerp.png"
 }
 
 fmnist() {
   timed fmnist-train $PY -m engine.train --model conv --preset conv-fmnist-2d \
     --dataset fashion-mnist --epochs 3 --batch-size 256 --compile --seed 0 --no-progress \
     --out "$RUNS/fmnist-2d"
-  $PY -m engine.sample grid "$RUNS/fmnist-2d" --dims 0 1 --range -2.5 2.5 --n 20 \
+  $PY -m engine.sample grid "$RUNS/fmnist-2d" --dims 0 1 --range -2.5 2.5 --n 15 \
     --out "$RESULTS/fmnist_latent_grid.png"
   $PY -m engine.plot "$RUNS/fmnist-2d" --max-images 10000
   cp "$RUNS/fmnist-2d/plots/latent_scatter.png" "$RESULTS/fmnist_latent_scatter.png"
