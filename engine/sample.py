@@ -6,7 +6,7 @@
     python -m engine.sample runs/cvae/export --labels 3 --out threes.png      # conditional
 
 Latent-space subcommands (engine.latent); each writes a PNG and, with --save-tensors, the raw
-tensors (images, z, labels) to a .safetensors file beside it:
+tensors (the decoded images, plus labels for reconstruct) to a .safetensors file beside it:
 
     python -m engine.sample grid runs/fmnist2d --dims 0 1 --range -3 3 --n 20 --out grid.png
     python -m engine.sample traverse runs/mlp --index 0 --k 3 --steps 9 --out trav.png

@@ -195,3 +195,21 @@ def test_image_index_out_of_range_is_rejected(mlp_run, tmp_path, capsys):
     code, err = run_cli(["traverse", mlp_run, "--index", 10_000, "--data-dir", DATA_DIR,
                          "--out", tmp_path / "t.png"], capsys)
     assert code == 2 and "out of range" in err and "10000 images" in err
+
+
+@pytest.mark.slow
+def test_grid_and_interpolate_on_an_onnx_export(mlp_run, tmp_path, capsys):
+    """Exported artifacts run through engine.runtime.Sampler (engine.latent.RuntimeModel)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    from export.onnx import main as onnx_main
+
+    export_dir = tmp_path / "export"
+    assert onnx_main([str(mlp_run), "--out", str(export_dir)]) == 0
+    out = tmp_path / "grid.png"
+    code, err = run_cli(["grid", export_dir, "--n", 4, "--out", out, "--save-tensors"], capsys)
+    assert code == 0, err
+    exported = load_file(str(out.with_suffix(".safetensors")))["images"]
+    model, _ = ckpt.load_model(mlp_run)
+    torch.testing.assert_close(exported, latent.grid_images(model, n=4), rtol=0, atol=1e-4)
+    code, err = run_cli(["grid", export_dir / "decoder.onnx", "--dims", 0, 9], capsys)
+    assert code == 2 and "out of range" in err
