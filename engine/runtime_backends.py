@@ -1,0 +1,319 @@
+"""Runtime backends: one small class per artifact kind (ONNX Runtime, AOTInductor, PyTorch
+eager/compiled, TensorRT), each with `run(inputs) -> outputs` on torch tensors, and the tables
+that map artifacts to them. `engine.runtime.Sampler` adds the checks, batching and latents."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from engine.runtime_types import ModelSpec, RuntimeInfo, SamplerError  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------
+class Backend:
+    """One loaded graph. Subclasses set `name`, `requires` and implement `run`."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[str] = ""  # python module the backend needs
+    install_hint: ClassVar[str] = ""
+
+    spec: ModelSpec
+    device: torch.device
+    precision: str = "fp32"
+    batch_range: tuple[int, int | None] = (1, None)
+
+    @classmethod
+    def installed(cls) -> bool:
+        return not cls.requires or importlib.util.find_spec(cls.requires) is not None
+
+    @classmethod
+    def require(cls) -> Any:
+        try:
+            return importlib.import_module(cls.requires)
+        except ImportError as e:
+            raise SamplerError(f"backend {cls.name!r} is not installed ({e}): {cls.install_hint}"
+                               ) from e
+
+    def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def run1(self, z: Tensor) -> Tensor:
+        """One latent batch in, the first output out (backends may shorten this path)."""
+        return self.run((z,))[0]
+
+    def part(self, name: str) -> Backend:
+        """Another part (the encoder) of the same export: same format and precision if the
+        manifest beside the artifact lists one, else any that runs on this device."""
+        from export import manifest
+
+        path = Path(self.path)
+        listed = manifest.find(manifest.read(path.parent), name) \
+            if (path.parent / "manifest.json").exists() else []
+        rank = lambda it: (FORMAT_BACKEND.get(it[1]["format"]) != self.name,
+                           it[1].get("precision") != self.precision)
+        for file, entry in sorted(listed, key=rank):
+            backend = BACKENDS.get(FORMAT_BACKEND.get(entry["format"], ""))
+            if backend and backend.installed() and entry.get("device") in ("any", self.device.type):
+                return backend(path.parent / file, self.device.type)
+        raise SamplerError(f"no {name} artifact for {self.device.type} beside {path} (in"
+                           f" {path.parent}/manifest.json); export one: python -m export.onnx CKPT"
+                           f" --parts {name} --out {path.parent}")
+
+
+def _manifest_entry(path: Path) -> dict[str, Any] | None:
+    """The entry of `path` in the manifest beside it, if any."""
+    from export import manifest
+
+    try:
+        return manifest.read(path.parent).get("artifacts", {}).get(path.name)
+    except manifest.ManifestError as e:
+        raise SamplerError(str(e)) from e
+
+
+def _verify(path: Path, fix: str) -> dict[str, Any] | None:
+    """Size and SHA-256 against the manifest beside the file: truncation is caught early."""
+    from engine.checkpoint import sha256
+
+    if not path.is_file():
+        raise SamplerError(f"{path} does not exist; {fix}")
+    entry = _manifest_entry(path)
+    if entry and (path.stat().st_size != entry.get("bytes") or sha256(path) != entry["sha256"]):
+        raise SamplerError(f"{path} does not match its manifest entry (size/SHA-256): the file is"
+                           f" truncated or modified; {fix}")
+    return entry
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime; providers TensorRT > CUDA > CPU, filtered by what is available.
+
+    CPU: `session.run` on numpy views of the tensors (no copies either way).
+    CUDA: IOBinding on torch tensors' device pointers, on torch's current stream
+    (`user_compute_stream`), outputs allocated by torch; no host round trip.
+    """
+
+    name, requires = "onnxruntime", "onnxruntime"
+    install_hint = "pip install onnxruntime (CPU) or onnxruntime-gpu (never both)"
+    PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def __init__(self, path: Path, device: str | None = None, threads: int | None = None) -> None:
+        ort = self.require()
+        fix = "re-export it with python -m export.onnx CKPT"
+        entry = _verify(path, fix)
+        self.path, self.precision = path, (entry or {}).get("precision", "fp32")
+        providers = self._providers(ort, device)
+        opts = ort.SessionOptions()
+        if threads:  # ONNX Runtime's own pool; torch's threads are a process-wide setting
+            opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise SamplerError(f"cannot load {path} with ONNX Runtime: not a valid ONNX model"
+                               f" (truncated or corrupt?): {str(e).splitlines()[0][:200]}; {fix}"
+                               ) from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.spec = ModelSpec.from_metadata(meta, str(path))
+        self.precision = meta.get("precision", self.precision)
+        on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        # The C++ session's run(names, feed, options) skips the Python wrapper's per-call input
+        # validation (done once here); public `run` has the same positional signature.
+        self._run = getattr(self.session, "_sess", self.session).run
+        self._out_names = list(self.output_names)
+        self._first = self.input_names[0]
+        if on_gpu:
+            _np_dtypes()
+            self.run1 = lambda z: self._run_cuda((z,))[0]
+        self.run = self._run_cuda if on_gpu else self._run_cpu_1 if len(self.input_names) == 1 \
+            else self._run_cpu
+
+    def _providers(self, ort: Any, device: str | None) -> list[Any]:
+        available = set(ort.get_available_providers())
+        wanted = ["CPUExecutionProvider"] if device == "cpu" else \
+            [p for p in self.PROVIDERS if p in available]
+        gpu_providers = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & available
+        if device == "cuda" and not (gpu_providers and torch.cuda.is_available()):
+            raise SamplerError("device='cuda': this onnxruntime has no CUDA provider or no GPU"
+                                   " is visible; install onnxruntime-gpu or use device='cpu'")
+        if wanted[0] != "CPUExecutionProvider" and not torch.cuda.is_available():
+            wanted = ["CPUExecutionProvider"]
+        stream = {"user_compute_stream": str(torch.cuda.current_stream().cuda_stream)} \
+            if wanted[0] != "CPUExecutionProvider" else {}
+        return [(p, stream) if p != "CPUExecutionProvider" else p for p in wanted]
+
+    # CPU: numpy views in, numpy arrays out wrapped by torch.from_numpy: no copies.
+    def _run_cpu_1(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        feed = {self._first: inputs[0].detach().numpy()}
+        return [torch.from_numpy(o) for o in self._run(self._out_names, feed, None)]
+
+    def _run_cpu(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        feed = {n: t.detach().numpy() for n, t in zip(self.input_names, inputs)}
+        return [torch.from_numpy(o) for o in self._run(self._out_names, feed, None)]
+
+    def run1(self, z: Tensor) -> Tensor:
+        """The batch-1 hot path (one input, one output, CPU): the least Python there is."""
+        return torch.from_numpy(self._run(self._out_names, {self._first: z.numpy()}, None)[0])
+
+    def _run_cuda(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        import numpy as np
+
+        binding = self.session.io_binding()
+        dev = self.device.index or 0
+        for name, t in zip(self.input_names, inputs):
+            t = t.contiguous()
+            binding.bind_input(name, "cuda", dev, _NP[t.dtype], list(t.shape), t.data_ptr())
+        batch = inputs[0].shape[0]
+        outs = []
+        for o in self.session.get_outputs():
+            shape = (batch, *(int(d) for d in o.shape[1:]))
+            dtype = torch.int64 if o.type == "tensor(int64)" else torch.float32
+            out = torch.empty(shape, dtype=dtype, device=self.device)
+            binding.bind_output(o.name, "cuda", dev, np.dtype(_NP[dtype]), list(shape),
+                                out.data_ptr())
+            outs.append(out)
+        self.session.run_with_iobinding(binding)
+        return outs
+
+
+_NP: dict[torch.dtype, Any] = {}
+
+
+def _np_dtypes() -> None:
+    import numpy as np
+
+    _NP.update({torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+                torch.int32: np.int32})
+
+
+class AOTInductorBackend(Backend):
+    """A `.pt2` AOTInductor package, compiled for one device (its metadata says which)."""
+
+    name, requires = "aoti", "torch"
+    install_hint = "AOTInductor comes with torch >= 2.6"
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        fix = "re-export it with python -m export.aoti CKPT"
+        _verify(path, fix)
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as e:  # zip / dlopen / schema errors from torch
+            raise SamplerError(f"cannot load {path} as an AOTInductor package (truncated or"
+                               f" corrupt?): {str(e).splitlines()[0][:200]}; {fix}") from e
+        meta = runner.get_metadata()
+        self.spec = ModelSpec.from_metadata(meta, str(path))
+        built_for = meta.get("device") or meta.get("AOTI_DEVICE_KEY", "cpu")
+        if device is not None and torch.device(device).type != built_for:
+            raise SamplerError(f"{path} was compiled for {built_for}, not {device}; re-export it"
+                               f" with python -m export.aoti CKPT --device {device}")
+        if built_for == "cuda" and not torch.cuda.is_available():
+            raise SamplerError(f"{path} was compiled for CUDA and no GPU is visible; re-export it"
+                               " with python -m export.aoti CKPT --device cpu")
+        self.path, self.device = path, torch.device(built_for)
+        self.precision = meta.get("precision", "fp32")
+        loader = runner.loader
+        self._boxed = getattr(loader, "boxed_run", None) or (lambda xs: list(runner(*xs)))
+
+    def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return self._boxed([t.contiguous() for t in inputs])
+
+    def run1(self, z: Tensor) -> Tensor:
+        return self._boxed([z.contiguous()])[0]
+
+
+class EagerBackend(Backend):
+    """The PyTorch model of a checkpoint or run directory; `compile=True` wraps torch.compile
+    (mode "reduce-overhead", i.e. CUDA graphs, on CUDA)."""
+
+    name, requires = "eager", "torch"
+
+    def __init__(self, path: Path, device: str | None = None, compile: bool = False,
+                 part: str = "decoder", loaded: tuple[Any, dict] | None = None) -> None:
+        from engine.checkpoint import CheckpointError, load_model
+        from export.common import part_specs
+        from export.manifest import model_section
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if loaded is None:
+            try:
+                model, ckpt = load_model(path, device=device)
+            except CheckpointError as e:
+                raise SamplerError(str(e)) from e
+            loaded = (model, ckpt.config["model"])
+        model, config = loaded
+        parts = {k: _on(p, device) for k, p in model.export_parts().items()}
+        if part not in parts:
+            raise SamplerError(f"{path}: the model exports no {part!r} part ({sorted(parts)})")
+        self.path, self.device, self.compiled, self._loaded = path, torch.device(device), \
+            compile, loaded
+        inputs, outputs = part_specs(parts["decoder"])
+        self.spec = _spec_from_section(model_section(config, inputs, outputs), inputs, outputs)
+        module = parts[part].module.eval()
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.fn = torch.compile(module, mode=mode) if compile else module
+        self.name = "compile" if compile else "eager"
+
+    def run(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        with torch.inference_mode():
+            out = self.fn(*inputs)
+        return [out] if isinstance(out, Tensor) else list(out)
+
+    def part(self, name: str) -> Backend:
+        return EagerBackend(self.path, self.device.type, self.compiled, name, self._loaded)
+
+
+def _on(part: Any, device: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(part, example_inputs=tuple(t.to(device)
+                                                          for t in part.example_inputs))
+
+
+def _spec_from_section(section: dict, inputs: list[dict], outputs: list[dict]) -> ModelSpec:
+    latent = section["latent"]
+    return ModelSpec(section["family"], latent["kind"], tuple(latent["shape"]),
+                     getattr(torch, latent["dtype"]), tuple(section["output_shape"]),
+                     section["conditional"], section["num_classes"], latent["num_codes"],
+                     tuple(s["name"] for s in inputs), tuple(s["name"] for s in outputs),
+                     section["config"])
+
+
+class TensorRTBackend(Backend):
+    """A serialized TensorRT engine + JSON sidecar (see export.tensorrt)."""
+
+    name, requires = "tensorrt", "tensorrt"
+    install_hint = "pip install tensorrt (from NVIDIA's index) on a machine with an NVIDIA GPU"
+
+    def __init__(self, path: Path, device: str | None = None) -> None:
+        from export import tensorrt as trt_export
+
+        if device not in (None, "cuda") and not str(device).startswith("cuda"):
+            raise SamplerError(f"TensorRT engines run on CUDA only, not on {device!r}")
+        try:
+            self.engine = trt_export.TensorRTRunner(path)
+        except trt_export.TensorRTError as e:
+            raise SamplerError(str(e)) from e
+        self.path, self.device = path, torch.device("cuda")
+        sidecar = self.engine.sidecar
+        self.spec = ModelSpec.from_metadata(sidecar["metadata"], str(path))
+        self.precision = sidecar["precision"]
+        self.batch_range = self.engine.batch_range
+        self.run = self.engine.run
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    "onnxruntime": OnnxRuntimeBackend, "tensorrt": TensorRTBackend, "aoti": AOTInductorBackend,
+    "eager": EagerBackend, "compile": EagerBackend,
+}
+SUFFIX_BACKEND = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt",
+                  ".pt2": "aoti"}
+FORMAT_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "aoti": "aoti"}
+# Backends to try for an export directory, fastest first, per device type.
+PREFERENCE = {"cuda": ("tensorrt", "aoti", "onnxruntime"), "cpu": ("onnxruntime", "aoti")}

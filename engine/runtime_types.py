@@ -1,0 +1,65 @@
+"""Types the runtime and its backends share: the artifact's contract and the errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class SamplerError(RuntimeError):
+    """An artifact that cannot be loaded or run: corrupt, mismatched, or backend missing."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a decoder artifact takes and gives, read from the artifact's own metadata."""
+
+    family: str
+    latent_kind: str  # "gaussian": z ~ N(0, I); "codes": integer codes, uniform in [0, num_codes)
+    latent_shape: tuple[int, ...]
+    latent_dtype: torch.dtype
+    output_shape: tuple[int, ...]
+    conditional: bool
+    num_classes: int
+    num_codes: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    config: dict[str, Any]
+
+    @property
+    def extra_inputs(self) -> tuple[str, ...]:
+        """Decoder inputs besides the latent and the labels (e.g. a crystal's atom mask)."""
+        return self.input_names[1 + self.conditional:]
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str) -> ModelSpec:
+        """From the string map of export.manifest.artifact_metadata() (ONNX / .pt2 / sidecar)."""
+        if "latent_shape" not in meta:
+            raise SamplerError(f"{where} carries no vae-engine metadata (latent_shape, ...);"
+                               " re-export it with python -m export.onnx / export.aoti")
+        ints = lambda s: tuple(int(v) for v in s.split(",") if v)
+        names = lambda s: tuple(v for v in s.split(",") if v)
+        return cls(meta.get("family", ""), meta.get("latent_kind", "gaussian"),
+                   ints(meta["latent_shape"]), getattr(torch, meta.get("latent_dtype", "float32")),
+                   ints(meta["output_shape"]), meta.get("conditional") == "1",
+                   int(meta.get("num_classes", 0)), int(meta.get("num_codes", 0)),
+                   names(meta["input_names"]), names(meta.get("output_names", "images")),
+                   json.loads(meta.get("model_config", "{}")))
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    backend: str
+    device: str
+    precision: str
+    min_batch: int
+    max_batch: int | None  # None: no upper bound
+    latent_kind: str
+    latent_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    conditional: bool
+    num_classes: int
+    artifact: str
