@@ -209,10 +209,16 @@ def iwae_objective(model, x: Tensor, y: Tensor | None, obj: Objective):
 
 
 def vq_objective(model, x: Tensor, obj: Objective):
-    """recon + VQ loss (codebook + commitment, from the fused kernel)."""
+    """recon + VQ loss (codebook + commitment, from the fused kernel).
+
+    The kernel's loss is a mean over all B*h*w*D elements; scaled by h*w*D it follows the same
+    convention as the reconstruction (sum over one example, mean over the batch). Without it,
+    the commitment term is h*w*D times weaker than the summed reconstruction and the encoder
+    output drifts away from the codebook.
+    """
     out = model(x)
     recon = reconstruction(out.recon_logits, x, obj.recon, model.output_activation).mean()
-    vq_loss = out.extras["vq_loss"]
+    vq_loss = out.extras["vq_loss"] * out.z[0].numel()
     loss = recon + vq_loss
     parts = {"recon": recon.detach(), "vq_loss": vq_loss.detach(),
              "perplexity": out.extras["perplexity"].detach(),

@@ -17,7 +17,7 @@ tensors (the decoded images, plus labels for reconstruct) to a .safetensors file
 grid and conditional only decode, so they also run on exported artifacts; traverse,
 interpolate and reconstruct encode test images (a checkpoint, or an export with an encoder).
 Bad arguments (dims out of range, steps < 2, conditional on an unconditional model, an
-unknown artifact) end with a one-line `error: ...` and exit code 2 (`random`: exit code 1).
+unknown artifact) end with a one-line `error: ...` and exit code 2.
 
 ARTIFACT is anything `engine.runtime.Sampler.load` opens: an .onnx / .engine / .pt2 file, an
 export directory (manifest.json) or a checkpoint / run directory. Subcommands live in COMMANDS
@@ -118,25 +118,6 @@ def save_tensors(png: Path, **tensors: torch.Tensor | None) -> Path:
     return path
 
 
-def _usage_errors(run: Callable[[argparse.Namespace], int]
-                  ) -> Callable[[argparse.Namespace], int]:
-    """The latent subcommands end a bad argument or artifact with one `error:` line and exit
-    code 2, as argparse does (the issue's contract; `random` keeps its exit code 1)."""
-    import functools
-
-    @functools.wraps(run)
-    def wrapped(args: argparse.Namespace) -> int:
-        from engine.checkpoint import CheckpointError
-        from engine.data import DatasetError
-        from engine.runtime import SamplerError
-
-        try:
-            return run(args)
-        except (SamplerError, CheckpointError, DatasetError, ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-
-    return wrapped
 
 
 def _latent_common(p: argparse.ArgumentParser, out: str) -> None:
@@ -304,11 +285,11 @@ def _conditional(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "random": (_random_args, _random),
-    "grid": (_grid_args, _usage_errors(_grid)),
-    "traverse": (_traverse_args, _usage_errors(_traverse)),
-    "interpolate": (_interpolate_args, _usage_errors(_interpolate)),
-    "reconstruct": (_reconstruct_args, _usage_errors(_reconstruct)),
-    "conditional": (_conditional_args, _usage_errors(_conditional)),
+    "grid": (_grid_args, (_grid)),
+    "traverse": (_traverse_args, (_traverse)),
+    "interpolate": (_interpolate_args, (_interpolate)),
+    "reconstruct": (_reconstruct_args, (_reconstruct)),
+    "conditional": (_conditional_args, (_conditional)),
 }
 
 
@@ -330,13 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
+    from engine.checkpoint import CheckpointError
+    from engine.data import DatasetError
     from engine.runtime import SamplerError
 
     try:
         return COMMANDS[args.command][1](args)
-    except (SamplerError, ValueError, TypeError) as e:
+    except (SamplerError, CheckpointError, DatasetError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

@@ -118,10 +118,10 @@ def test_sample_from_a_checkpoint_with_labels(checkpoints, tmp_path):
     assert out.stat().st_size > 0
 
 
-def test_sample_errors_exit_1(onnx_exported, tmp_path, capsys):
-    assert sample.main([str(onnx_exported("cvae-mlp")), "--out", str(tmp_path / "x.png")]) == 1
+def test_sample_errors_exit_2(onnx_exported, tmp_path, capsys):
+    assert sample.main([str(onnx_exported("cvae-mlp")), "--out", str(tmp_path / "x.png")]) == 2
     assert "needs labels" in capsys.readouterr().err
-    assert sample.main([str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.png")]) == 1
+    assert sample.main([str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x.png")
 
