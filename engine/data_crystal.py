@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.data import DatasetError
+
 PROCESS_VERSION = 1  # bump when the processing changes: it is part of the cache key
 SPLIT_SEED = 0  # seed of the deterministic split of single files / holdouts
 HOLDOUT_FRACTION = 0.05
@@ -332,14 +334,18 @@ def resolve_splits(dataset: str, niggli: bool, cache_dir, num_workers: int,
                    train_split: str | None, eval_split: str | None):
     """{"train"|"val"|"test": CrystalArrays} and a readable mapping of where each came from."""
     path = Path(dataset)
-    if path.is_dir():
+    loose = sorted(path.glob("*.csv*")) if path.is_dir() else []
+    if path.is_dir() and loose and not (_find_split(path, "train") or _find_split(path, "val")):
+        dataset = ",".join(str(p) for p in loose)  # no split files: split the CSVs it holds
+    elif path.is_dir():
         train_name = train_split or ("train" if _find_split(path, "train") else "val")
         test_name = eval_split or "test"
         files = {n: _find_split(path, n) for n in {train_name, test_name, "val"}}
         for n in (train_name, test_name):
             if files[n] is None:
-                raise FileNotFoundError(f"{path}: no {n}.csv or {n}.csv.gz (found: "
-                                        f"{sorted(p.name for p in path.glob('*.csv*'))})")
+                raise DatasetError(f"{path}: no {n}.csv or {n}.csv.gz (found: "
+                                   f"{sorted(p.name for p in loose)}); pass the CSV files"
+                                   " themselves, comma-separated, to split them 90/5/5")
         load = lambda n: load_file(files[n], niggli, cache_dir, num_workers)  # noqa: E731
         train = load(train_name)
         if files["val"] is not None and "val" not in (train_name, test_name):
@@ -356,8 +362,8 @@ def resolve_splits(dataset: str, niggli: bool, cache_dir, num_workers: int,
     files = [Path(p) for p in dataset.split(",") if p]
     missing = [str(p) for p in files if not p.is_file()]
     if missing or not files:
-        raise FileNotFoundError(f"dataset {dataset!r}: expected a directory with "
-                                f"train/val/test.csv[.gz], or CSV files; missing: {missing}")
+        raise DatasetError(f"dataset {dataset!r}: expected a directory with "
+                           f"train/val/test.csv[.gz], or CSV files; missing: {missing}")
     arrays = CrystalArrays.concat([load_file(p, niggli, cache_dir, num_workers) for p in files])
     parts = _split_permutation(len(arrays), (0.9, 0.05, 0.05))
     names = ",".join(p.name for p in files)

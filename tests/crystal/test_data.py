@@ -119,3 +119,14 @@ def test_perov_directory_split_mapping(data_dir, tmp_path):
     assert bundle.info["sizes"]["train"] + bundle.info["sizes"]["val"] == 3787
     assert bundle.info["sizes"]["test"] == 3785
     assert bundle.info["max_atoms"] == 5
+
+
+def test_missing_split_is_a_dataset_error_with_a_fix(tmp_path):
+    from engine.data import DatasetError
+    from engine.data_crystal import build_crystal_data
+
+    (tmp_path / "val.csv").write_text("cif\n")
+    with pytest.raises(DatasetError, match="no test.csv or test.csv.gz.*comma-separated"):
+        build_crystal_data(str(tmp_path), batch_size=4, cache_dir=tmp_path / "cache")
+    with pytest.raises(DatasetError, match="missing:"):
+        build_crystal_data(str(tmp_path / "nope.csv"), batch_size=4, cache_dir=tmp_path / "c")
