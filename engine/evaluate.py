@@ -296,7 +296,7 @@ def delegate_crystal(args: argparse.Namespace, c: ckpt.Checkpoint) -> int:
         raise ValueError(f"{c.path} is a crystal model, and its evaluation lives in"
                          f" engine.crystal.evaluate, which cannot be imported here ({e})") from e
     dataset = args.dataset or c.config.get("train", {}).get("dataset")
-    argv = [str(args.checkpoint), "--dataset", str(dataset),
+    argv = [str(c.path), "--dataset", str(dataset),  # c: the resolved checkpoint (best/)
             "--split", args.crystal_split or args.split, "--seed", str(args.seed)]
     if args.out:
         argv += ["--out", str(Path(args.out).with_suffix(""))]

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.checkpoint import load_model
+    from engine.checkpoint import atomic_write_json, load_model
     from engine.data_crystal import build_crystal_data
 
     args = build_parser().parse_args(argv)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate_crystal(model, data, out, args.split, args.workers, args.timeout,
                                args.max_crystals, args.num_samples, args.seed)
     metrics["data"] = {k: data.info[k] for k in ("splits", "skipped", "sizes")}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))
     return 0
 
