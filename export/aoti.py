@@ -41,6 +41,7 @@ from export.common import (
     on_device,
     parse_parts,
     part_specs,
+    run_export_cli,
 )
 
 
@@ -124,18 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="decoder", help="comma-separated parts (default decoder)")
     ap.add_argument("--parity-batches", default=",".join(map(str, PARITY_BATCHES)))
     args = ap.parse_args(argv)
-    from engine.checkpoint import CheckpointError
-
-    try:
-        batches = tuple(int(b) for b in args.parity_batches.split(","))
-        written = export_aoti(args.checkpoint, args.out, args.device, args.parts, batches)
-    except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for name, path in written.items():
-        print(f"wrote {name}: {path}")
-    return 0
-
+    return run_export_cli(lambda batches: export_aoti(args.checkpoint, args.out, args.device,
+                                                      args.parts, batches),
+                          args.parity_batches)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -218,3 +218,23 @@ def check_parity(
             " model; the export is wrong or the tolerance is too tight for this precision"
         )
     return result
+
+
+def run_export_cli(export: Callable[[tuple[int, ...]], dict[str, Path]],
+                   parity_batches: str) -> int:
+    """The exporters' shared command-line tail: parse the parity batches, export, print what
+    was written; a bad checkpoint, part or parity failure is one `error:` line and exit 1."""
+    import sys
+
+    from engine.checkpoint import CheckpointError
+    from export import manifest
+
+    try:
+        batches = tuple(int(b) for b in parity_batches.split(","))
+        written = export(batches)
+    except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, path in written.items():
+        print(f"wrote {name}: {path}")
+    return 0

@@ -45,6 +45,7 @@ from export.common import (
     model_description,
     parse_parts,
     part_specs,
+    run_export_cli,
 )
 
 DEFAULT_OPSET = 20
@@ -177,19 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parity-batches", default=",".join(map(str, PARITY_BATCHES)))
     args = ap.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-    from engine.checkpoint import CheckpointError
-
-    try:
-        batches = tuple(int(b) for b in args.parity_batches.split(","))
-        written = export_onnx(args.checkpoint, args.out, args.opset, args.fp16, args.parts,
-                              batches)
-    except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for name, path in written.items():
-        print(f"wrote {name}: {path}")
-    return 0
-
+    return run_export_cli(lambda batches: export_onnx(args.checkpoint, args.out, args.opset,
+                                                      args.fp16, args.parts, batches),
+                          args.parity_batches)
 
 if __name__ == "__main__":
     sys.exit(main())
