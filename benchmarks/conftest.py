@@ -6,6 +6,7 @@ Groups are named <subject>-<mode>-<dtype>; providers are parametrized (eager, co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -37,10 +38,8 @@ def git_commit() -> str:
 def versions() -> dict[str, str]:
     out = {"torch": torch.__version__, "python": platform.python_version()}
     for name in ("triton", "onnxruntime", "torchvision"):
-        try:
+        with contextlib.suppress(ImportError):
             out[name] = __import__(name).__version__
-        except ImportError:
-            pass
     return out
 
 

@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---:|---:|---:|")
     for group, provider, median, ratio, extra in rows(data):
         ips = extra.get("images_per_s")
-        print(f"| {group} | {provider} | {median * 1e3:.3f} | "
-              f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if ips is None else f'{ips:,.0f}'} |")
+        speedup = "" if ratio is None else f"{ratio:.2f}x"
+        rate = "" if ips is None else f"{ips:,.0f}"
+        print(f"| {group} | {provider} | {median * 1e3:.3f} | {speedup} | {rate} |")
     return 0
 
 

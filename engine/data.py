@@ -73,7 +73,8 @@ def _writable_root(root: Path, folder: str) -> Path:
     read_only = not raw.stat().st_mode & stat.S_IWUSR  # mode bits: root ignores os.access
     if not (needs_extract and read_only):
         return root
-    mirror = cache_dir() / "data-mirror" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    mirror = cache_dir() / "data-mirror" / key
     (mirror / folder / "raw").mkdir(parents=True, exist_ok=True)
     for src in raw.iterdir():
         dst = mirror / folder / "raw" / src.name
@@ -83,7 +84,8 @@ def _writable_root(root: Path, folder: str) -> Path:
     return mirror
 
 
-def load_images(name: str, data_dir: str | os.PathLike | None, train: bool) -> tuple[Tensor, Tensor]:
+def load_images(name: str, data_dir: str | os.PathLike | None,
+                train: bool) -> tuple[Tensor, Tensor]:
     """(images uint8 (N, 1, 28, 28), labels int64 (N,)) of one torchvision split."""
     if name not in IMAGE_DATASETS:
         raise DatasetError(

@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
+.venv/bin/ruff check engine kernels export benchmarks tests
 .venv/bin/python -m pytest tests -q -p no:cacheprovider --ignore=tests/kernels "$@"
 TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels -q -p no:cacheprovider "$@"

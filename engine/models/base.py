@@ -49,7 +49,7 @@ class DiagonalGaussian:
         return self.mean
 
     def log_prob(self, z: Tensor) -> Tensor:
-        """log q(z|x) summed over latent dims. z: (..., B, *latent) broadcasting over leading dims."""
+        """log q(z|x) summed over latent dims; z: (..., B, *latent), leading dims broadcast."""
         var = self.logvar.exp()
         elem = -0.5 * (LOG_2PI + self.logvar + (z - self.mean).pow(2) / var)
         return elem.flatten(-len(self.mean.shape[1:])).sum(-1)
@@ -121,7 +121,8 @@ class BaseVAE(nn.Module):
     def _check_labels(self, y: Tensor | None, batch: int, where: str) -> Tensor | None:
         if not self.conditional:
             if y is not None:
-                raise ValueError(f"{where}(): this {self.family} model is unconditional; got labels")
+                raise ValueError(f"{where}(): this {self.family} model is unconditional;"
+                                 " got labels")
             return None
         if y is None:
             raise ValueError(
@@ -147,9 +148,9 @@ class BaseVAE(nn.Module):
             hint = ""
             if z.dim() == 2 and z.shape[1] == 2 * self.latent_shape[0]:
                 hint = ": did you pass the encoder's concatenated (mu, logvar) instead of a sample?"
+            want = ", ".join(map(str, self.latent_shape))
             raise ValueError(
-                f"{where}(): expected a latent of shape (B, {', '.join(map(str, self.latent_shape))}),"
-                f" got {tuple(z.shape)}{hint}"
+                f"{where}(): expected a latent of shape (B, {want}), got {tuple(z.shape)}{hint}"
             )
 
     # --- the protocol ---------------------------------------------------------------------

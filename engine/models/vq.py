@@ -82,8 +82,8 @@ class VectorQuantizer(nn.Module):
     def __init__(self, c: VQVAEConfig) -> None:
         super().__init__()
         self.c = c
-        self.codebook = nn.Parameter(torch.empty(c.num_codes, c.code_dim).uniform_(-1, 1) / c.num_codes,
-                                     requires_grad=c.ema_decay == 0)
+        init = torch.empty(c.num_codes, c.code_dim).uniform_(-1, 1) / c.num_codes
+        self.codebook = nn.Parameter(init, requires_grad=c.ema_decay == 0)
         self.register_buffer("ema_count", torch.ones(c.num_codes))  # assignments per step, EMA
         self.register_buffer("ema_sum", self.codebook.detach().clone())
         self.register_buffer("initialized", torch.tensor(not c.kmeans_init))

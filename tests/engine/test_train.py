@@ -134,7 +134,8 @@ def test_missing_dataset_offline_says_how_to_fix(tmp_path, capsys, monkeypatch):
 
 @needs_mnist
 def test_resume_with_another_model_is_refused(tmp_path, capsys):
-    assert main(args_for(tmp_path, "--model", "mlp", "--hidden-dims", "32", "--max-steps", "3")) == 0
+    assert main(args_for(tmp_path, "--model", "mlp", "--hidden-dims", "32",
+                         "--max-steps", "3")) == 0
     capsys.readouterr()
     assert main(args_for(tmp_path, "--model", "conv", "--resume")) == 2
     assert "is a checkpoint of a 'mlp' model, but --model conv" in capsys.readouterr().err
@@ -142,7 +143,8 @@ def test_resume_with_another_model_is_refused(tmp_path, capsys):
 
 @needs_mnist
 def test_resume_from_corrupt_checkpoint_is_refused(tmp_path, capsys):
-    assert main(args_for(tmp_path, "--model", "mlp", "--hidden-dims", "32", "--max-steps", "3")) == 0
+    assert main(args_for(tmp_path, "--model", "mlp", "--hidden-dims", "32",
+                         "--max-steps", "3")) == 0
     for name in ("last", "best"):
         weights = tmp_path / "run" / name / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
