@@ -23,10 +23,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
+from engine.batches import accumulate, batch_size, evaluate, move_to
 from engine.data import DataBundle, build_image_data
 from engine.losses import BetaSchedule, KLWeight, Objective
 from engine.models.registry import config_from_dict, get_family, make_config, model_from_config
 from engine.previews import write_previews
+from engine.runlog import append_jsonl, json_safe, read_jsonl, train_config, versions
 
 
 class TrainingDiverged(RuntimeError):
@@ -382,92 +384,3 @@ class Trainer:
         kept = [r for r in rows if r["step"] <= self.step]
         if len(kept) != len(rows) or path.read_bytes()[-1:] not in (b"\n", b""):
             ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-
-# --- helpers --------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, objective: Objective, device) -> dict[str, float]:
-    """Mean of every loss part over a split, with beta = 1 (the true ELBO)."""
-    was_training = model.training
-    model.eval()
-    eval_objective = dataclasses.replace(objective, kind="elbo", capacity=False)
-    weight = KLWeight(torch.ones((), device=device), torch.zeros((), device=device))
-    sums: dict[str, Tensor] = {}
-    count = 0
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(0)
-    for batch in loader:
-        batch = move_to(batch, device)
-        n = batch_size(batch)
-        loss, parts = model.training_loss(batch, eval_objective, weight)
-        accumulate(sums, {"loss": loss, **parts}, scale=n)
-        count += n
-    model.train(was_training)
-    return {k: v.item() / max(count, 1) for k, v in sums.items() if k != "beta"}
-
-
-def accumulate(sums: dict[str, Tensor], parts: dict[str, Tensor], scale: float = 1.0) -> None:
-    for k, v in parts.items():
-        v = v.detach().float() * scale
-        sums[k] = sums[k] + v if k in sums else v
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(b, device) for b in batch)
-    return batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch
-
-
-def batch_size(batch: Any) -> int:
-    if isinstance(batch, (tuple, list)):
-        return batch_size(batch[0])
-    if hasattr(batch, "num_graphs"):
-        return int(batch.num_graphs)
-    return int(batch.shape[0]) if isinstance(batch, Tensor) else len(batch)
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(row)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a torn last line (a crash mid-write) is ignored."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def train_config(args: Namespace) -> dict[str, Any]:
-    return json_safe({k: v for k, v in vars(args).items()})
-
-
-def versions() -> dict[str, str]:
-    import engine
-
-    out = {"vae_engine": engine.__version__, "torch": torch.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out

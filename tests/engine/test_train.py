@@ -15,8 +15,9 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import losses
+from engine.batches import move_to
 from engine.train import build_parser, main, objective_from_args, schedule_from_args
-from engine.trainer import Trainer, build_run, move_to
+from engine.trainer import Trainer, build_run
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = os.environ.get("VAE_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
