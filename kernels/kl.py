@@ -31,6 +31,24 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
 
 @jit
+def _load_rows(mu_ptr, logvar_ptr, rows, cols, mask, stride_mr, stride_md, stride_lr, stride_ld,
+               IS_FP64: tl.constexpr):  # fmt: skip
+    """One (BLOCK_R, BLOCK_D) tile of mu and logvar, strided, in the accumulation dtype."""
+    acc_t = tl.float64 if IS_FP64 else tl.float32
+    mu = tl.load(mu_ptr + rows[:, None] * stride_mr + cols[None, :] * stride_md,
+                 mask=mask, other=0.0).to(acc_t)  # fmt: skip
+    lv = tl.load(logvar_ptr + rows[:, None] * stride_lr + cols[None, :] * stride_ld,
+                 mask=mask, other=0.0).to(acc_t)  # fmt: skip
+    return mu, lv
+
+
+@jit
+def _kl_row_terms(mu, lv, mask):
+    """Per-row partial sums of 1 + logvar - mu^2 - exp(logvar) over a tile: (BLOCK_R,)."""
+    return tl.sum(tl.where(mask, 1.0 + lv - mu * mu - tl.exp(lv), 0.0), axis=1)
+
+
+@jit
 def _kl_divergence_fwd_kernel(
     mu_ptr,  # *T (R, D) means
     logvar_ptr,  # *T (R, D) log-variances
@@ -50,12 +68,9 @@ def _kl_divergence_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mr + cols[None, :] * stride_md,
-                     mask=mask, other=0.0).to(acc_t)  # fmt: skip
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_lr + cols[None, :] * stride_ld,
-                     mask=mask, other=0.0).to(acc_t)  # fmt: skip
-        term = tl.where(mask, 1.0 + lv - mu * mu - tl.exp(lv), 0.0)  # (BLOCK_R, BLOCK_D)
-        acc += tl.sum(term, axis=1)
+        mu, lv = _load_rows(mu_ptr, logvar_ptr, rows, cols, mask, stride_mr, stride_md,
+                            stride_lr, stride_ld, IS_FP64)  # fmt: skip
+        acc += _kl_row_terms(mu, lv, mask)
     tl.store(kl_ptr + rows, -0.5 * acc, mask=row_mask)
 
 
@@ -79,10 +94,8 @@ def _kl_divergence_bwd_kernel(
     row_mask = rows < R
     mask = row_mask[:, None] & (cols < D)[None, :]
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0).to(acc_t)[:, None]  # (BLOCK_R, 1)
-    mu = tl.load(mu_ptr + rows[:, None] * stride_mr + cols[None, :] * stride_md,
-                 mask=mask, other=0.0).to(acc_t)  # fmt: skip
-    lv = tl.load(logvar_ptr + rows[:, None] * stride_lr + cols[None, :] * stride_ld,
-                 mask=mask, other=0.0).to(acc_t)  # fmt: skip
+    mu, lv = _load_rows(mu_ptr, logvar_ptr, rows, cols, mask, stride_mr, stride_md,
+                        stride_lr, stride_ld, IS_FP64)  # fmt: skip
     out = rows[:, None] * D + cols[None, :]
     tl.store(dmu_ptr + out, (g * mu).to(dmu_ptr.dtype.element_ty), mask=mask)
     dlv = g * 0.5 * (tl.exp(lv) - 1.0)

@@ -26,7 +26,7 @@ import torch
 from kernels import dispatch
 from kernels._common import OpPair, cdiv, check_pair, jit, launch, next_pow2, seed_tensor
 from kernels._random import _normal_at, _normal_block
-from kernels.kl import _acc_dtype, _rows, kl_divergence_ref
+from kernels.kl import _acc_dtype, _kl_row_terms, _load_rows, _rows, kl_divergence_ref
 from kernels.reparam import _launch_params as _bwd_params  # the same flat layout
 from kernels.reparam import ref_seed, reparameterize_ref
 
@@ -54,15 +54,13 @@ def _reparameterize_kl_fwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
         mask = row_mask[:, None] & (cols < D)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mr + cols[None, :] * stride_md,
-                     mask=mask, other=0.0).to(acc_t)  # fmt: skip
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_lr + cols[None, :] * stride_ld,
-                     mask=mask, other=0.0).to(acc_t)  # fmt: skip
+        mu, lv = _load_rows(mu_ptr, logvar_ptr, rows, cols, mask, stride_mr, stride_md,
+                            stride_lr, stride_ld, IS_FP64)  # fmt: skip
         flat = rows[:, None] * D + cols[None, :]  # (BLOCK_R, BLOCK_D) int64
         eps = _normal_at(seed_ptr, flat).to(acc_t)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + flat, z.to(z_ptr.dtype.element_ty), mask=mask)
-        acc += tl.sum(tl.where(mask, 1.0 + lv - mu * mu - tl.exp(lv), 0.0), axis=1)
+        acc += _kl_row_terms(mu, lv, mask)
     tl.store(kl_ptr + rows, -0.5 * acc, mask=row_mask)
 
 
