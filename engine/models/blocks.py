@@ -14,6 +14,12 @@ def mlp(sizes: tuple[int, ...], activation: type[nn.Module] = nn.ReLU) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+def require_classes(num_classes: int) -> None:
+    """Configs of the conditional families: the label needs at least two classes."""
+    if num_classes < 2:
+        raise ValueError(f"a conditional VAE needs num_classes >= 2, got {num_classes}")
+
+
 def one_hot(y: Tensor, num_classes: int, dtype) -> Tensor:
     """(B,) int labels -> (B, num_classes) one-hot in `dtype`."""
     return F.one_hot(y.long(), num_classes).to(dtype)

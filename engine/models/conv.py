@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.models.base import BaseVAE
-from engine.models.blocks import conv_spatial_sizes, down_block, one_hot, up_block
+from engine.models.blocks import conv_spatial_sizes, down_block, one_hot, require_classes, up_block
 from engine.models.registry import register_family
 
 
@@ -94,8 +94,7 @@ class CVAEConvConfig(ConvVAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_classes < 2:
-            raise ValueError(f"a conditional VAE needs num_classes >= 2, got {self.num_classes}")
+        require_classes(self.num_classes)
 
 
 register_family(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.models.base import BaseVAE
-from engine.models.blocks import mlp, one_hot
+from engine.models.blocks import mlp, one_hot, require_classes
 from engine.models.registry import register_family
 
 
@@ -91,8 +91,7 @@ class CVAEMLPConfig(MLPVAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_classes < 2:
-            raise ValueError(f"a conditional VAE needs num_classes >= 2, got {self.num_classes}")
+        require_classes(self.num_classes)
 
 
 register_family("cvae-mlp", CVAEMLPConfig, MLPVAE, presets={"cvae-mlp-mnist": {}})
