@@ -272,9 +272,9 @@ class Trainer:
         return metrics
 
     def _batches(self, loader, start: int):
-        loader_epoch_args = (self.epoch, start)
+        """This epoch's batches from `start` on: loaders that can skip do it without loading."""
         if hasattr(loader, "start_batch"):
-            loader.set_epoch(*loader_epoch_args)
+            loader.set_epoch(self.epoch, start)
             return iter(loader)
         loader.set_epoch(self.epoch)
         return islice(iter(loader), start, None)
