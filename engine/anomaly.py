@@ -19,6 +19,14 @@ Correction (--anomaly-score complexity; Serra et al. 2020, https://arxiv.org/abs
     s(x) = -ELBO(x) - L(x),   L(x) = 8 ln 2 * len(zlib.compress(x's bytes, 9))  nats
 a likelihood ratio against a generic compressor: simple images are cheap for both models, so
 their simplicity cancels and what is left is how much better the VAE knows them.
+
+Latent kNN (--anomaly-score latent-knn; the deep-nearest-neighbour score of Sun et al. 2022,
+https://arxiv.org/abs/2204.06507, on the VAE's posterior means):
+    s(x) = 1 - cos(mu(x), mu(x_(k)))
+where x_(k) is the k-th nearest training image (of the classes the model was trained on) by
+cosine similarity of posterior means. It asks "is there familiar data near this code?" instead
+of "how probable are these pixels?", so image simplicity does not enter; on the MNIST
+leave-one-digit-out sweep it lifts the mean ROC-AUC well above the likelihood scores (README).
 """
 
 from __future__ import annotations
@@ -64,9 +72,6 @@ def roc_auc_pairwise(scores: Tensor, positive: Tensor) -> float:
     return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
-SCORES = ("elbo", "complexity")
-
-
 def complexity_nats(images: Tensor, binary: bool) -> Tensor:
     """Generic-compressor code length per image (N,) in nats: zlib level 9 on the raw bytes
     (uint8 (N, ...)), bit-packed first when the images are binary."""
@@ -81,23 +86,46 @@ def complexity_nats(images: Tensor, binary: bool) -> Tensor:
     return torch.tensor(lengths, dtype=torch.float64) * 8 * math.log(2)
 
 
-def anomaly_report(stats: dict[str, Tensor], holdout_class: int, iw_samples: int = 1,
-                   complexity: Tensor | None = None) -> dict[str, Any]:
-    """ROC-AUC of `holdout_class` vs the rest, from per-image stats of engine.evaluate; with
-    `complexity` (nats per image) the score is the complexity-corrected one."""
+SCORES = ("elbo", "complexity", "latent-knn")
+
+
+def likelihood_score(stats: dict[str, Tensor], iw_samples: int = 1,
+                     complexity: Tensor | None = None) -> tuple[Tensor, str]:
+    """(score (N,) float64, its name): -ELBO, or -IWAE_k when k > 1 was evaluated, minus the
+    complexity (nats per image) when given."""
     use_iwae = iw_samples > 1 and "iwae" in stats
     score = -(stats["iwae"] if use_iwae else stats["elbo"]).double()
-    if complexity is not None:
-        score = score - complexity
-    labels = stats["label"]
+    name = f"-IWAE_{iw_samples}" if use_iwae else "-ELBO"
+    if complexity is None:
+        return score, name
+    return score - complexity, name + " - L_zlib"
+
+
+def knn_distance(query: Tensor, bank: Tensor, k: int = 10, chunk: int = 1024) -> Tensor:
+    """Cosine distance (N,) float64 from each query row (N, D) to its k-th nearest bank row
+    (M, D). Rows are L2-normalized, so d = 1 - q.b (= |q - b|^2 / 2) and the k-th nearest is
+    the k-th largest similarity; query chunks keep the (chunk, M) similarity block small."""
+    if query.dim() != 2 or bank.dim() != 2 or query.shape[1] != bank.shape[1]:
+        raise ValueError(f"knn_distance: expected query (N, D) and bank (M, D), got"
+                         f" {tuple(query.shape)} and {tuple(bank.shape)}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"--knn-k must lie in [1, {bank.shape[0]}] (the bank size), got {k}")
+    bank_t = torch.nn.functional.normalize(bank.float(), dim=1).T  # (D, M)
+    out = [1 - (torch.nn.functional.normalize(q.float(), dim=1) @ bank_t).topk(k).values[:, -1]
+           for q in query.split(chunk)]
+    return torch.cat(out).double()
+
+
+def anomaly_report(score: Tensor, labels: Tensor, holdout_class: int, name: str
+                   ) -> dict[str, Any]:
+    """ROC-AUC of `holdout_class` (positive) against the rest for per-image scores (N,),
+    higher = more anomalous, and the mean score of every class."""
     positive = labels == holdout_class
     if not positive.any():
         raise ValueError(f"--holdout-class {holdout_class} does not occur in the evaluated split;"
                          f" labels present: {sorted(set(labels.tolist()))}")
     per_class = {int(c): float(score[labels == c].double().mean()) for c in labels.unique()}
-    name = f"-IWAE_{iw_samples}" if use_iwae else "-ELBO"
-    return {"holdout_class": holdout_class,
-            "score": name + (" - L_zlib" if complexity is not None else ""),
+    return {"holdout_class": holdout_class, "score": name,
             "roc_auc": roc_auc(score, positive), "n_positive": int(positive.sum()),
             "n_negative": int((~positive).sum()), "mean_score_per_class": per_class}
 

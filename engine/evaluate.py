@@ -19,7 +19,9 @@ Reports (JSON to --out, and a table on stdout), per image and averaged over the 
       dead codes (never chosen);
   --anomaly --holdout-class C: score = -ELBO (or -IWAE_k with --iw-samples k > 1) per image,
       ROC-AUC of class C (positive) against the rest, see engine.anomaly; with
-      --anomaly-score complexity the score is corrected by a zlib code length.
+      --anomaly-score complexity the score is corrected by a zlib code length, and with
+      --anomaly-score latent-knn it is the cosine distance from the image's posterior mean to
+      its --knn-k-th nearest among the training images' (the classes the model was trained on).
 
 The data comes from the checkpoint's training config (dataset, --binarize -> the fixed
 "static" binarization of the test set, --pad-to-32); --data-dir or $VAE_DATA_DIR locate it.
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from engine import checkpoint as ckpt
+from engine.anomaly import SCORES, anomaly_report, complexity_nats, knn_distance, likelihood_score
 from engine.data import DatasetError, TensorLoader, load_images, split_train_val
 from engine.losses import importance_terms, reconstruction
 
@@ -195,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--anomaly", action="store_true", help="score images and report ROC-AUC")
     a("--holdout-class", type=int, default=None, help="the anomalous class for --anomaly")
     a("--anomaly-score", default="elbo", help="elbo: -ELBO (-IWAE_k with --iw-samples k);"
-      " complexity: that minus a zlib code length (see engine.anomaly)")
+      " complexity: that minus a zlib code length; latent-knn: cosine distance to the k-th"
+      " nearest training posterior mean (see engine.anomaly)")
+    a("--knn-k", type=int, default=10, help="k for --anomaly-score latent-knn (default 10)")
+    a("--knn-bank", type=int, default=None,
+      help="latent-knn: use only the first N training-split images as the bank (default all)")
     a("--ema", action="store_true", help="evaluate the EMA weights when present")
     a("--data-dir", default=None, help="dataset root (else the checkpoint's, else $VAE_DATA_DIR)")
     a("--dataset", default=None, help="override the checkpoint's dataset (crystal: CSV/dir)")
@@ -215,8 +222,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--max-rows and --batch-size must be >= 1")
     if args.anomaly and args.holdout_class is None:
         raise ValueError("--anomaly needs --holdout-class C (the class treated as anomalous)")
-    if args.anomaly_score not in ("elbo", "complexity"):
-        raise ValueError(f"--anomaly-score must be elbo or complexity, got {args.anomaly_score!r}")
+    if args.anomaly_score not in SCORES:
+        raise ValueError(f"--anomaly-score must be one of {', '.join(SCORES)}, got"
+                         f" {args.anomaly_score!r}")
+    if args.knn_k < 1 or (args.knn_bank is not None and args.knn_bank < 1):
+        raise ValueError("--knn-k and --knn-bank must be >= 1")
     if args.holdout_class is not None and not args.anomaly:
         raise ValueError("--holdout-class only applies with --anomaly")
 
@@ -252,17 +262,42 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
         stats = gaussian_pass(model, loader, recon, args.iw_samples, args.max_rows, args.seed)
         report.update(gaussian_report(stats, args.iw_samples))
         if args.anomaly:
-            from engine.anomaly import anomaly_report
-
-            complexity = None
-            if args.anomaly_score == "complexity":
-                from engine.anomaly import complexity_nats
-
-                complexity = complexity_nats(loader.images, bool(train_cfg.get("binarize")))
-            report["anomaly"] = anomaly_report(stats, args.holdout_class, args.iw_samples,
-                                               complexity)
+            score, name = anomaly_score(args, model, train_cfg, stats, loader)
+            report["anomaly"] = anomaly_report(score, stats["label"], args.holdout_class, name)
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def anomaly_score(args: argparse.Namespace, model, train_cfg: dict[str, Any],
+                  stats: dict[str, Tensor], loader: TensorLoader) -> tuple[Tensor, str]:
+    """Per-image anomaly scores (N,) of the evaluated split and the score's name."""
+    if args.anomaly_score == "latent-knn":
+        bank = training_means(model, train_cfg, args)
+        name = f"latent kNN (cosine, k={args.knn_k}, bank {bank.shape[0]})"
+        return knn_distance(stats["mean"], bank, args.knn_k), name
+    complexity = None
+    if args.anomaly_score == "complexity":
+        complexity = complexity_nats(loader.images, bool(train_cfg.get("binarize")))
+    return likelihood_score(stats, args.iw_samples, complexity)
+
+
+@torch.no_grad()
+def training_means(model, train_cfg: dict[str, Any], args: argparse.Namespace) -> Tensor:
+    """Posterior means (M, L) of the training split, restricted to the classes the model was
+    trained on (train --exclude-class removes the held-out ones)."""
+    loader = split_loader(train_cfg, "train", args.data_dir, args.batch_size, args.knn_bank)
+    excluded = torch.tensor(train_cfg.get("exclude_class") or [], dtype=torch.long)
+    device = next(model.parameters()).device
+    means = []
+    for x, y in loader:
+        keep = ~torch.isin(y, excluded)
+        if keep.any():
+            x, y = x[keep].to(device), y[keep].to(device)
+            means.append(model.encode(x, model_labels(model, y)).mean.flatten(1).cpu())
+    if not means:
+        raise ValueError("latent-knn: no training images left for the bank (all excluded);"
+                         " raise --knn-bank or check the checkpoint's --exclude-class")
+    return torch.cat(means)
 
 
 def format_table(report: dict[str, Any]) -> str:

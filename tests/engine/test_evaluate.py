@@ -265,3 +265,78 @@ def test_cli_complexity_corrected_anomaly_score(trained_mlp, tmp_path, capsys):
                     "--anomaly-score", "complexity", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["anomaly"]["score"] == "-ELBO - L_zlib"
     assert ev.main([str(run), "--anomaly", "--holdout-class", "1", "--anomaly-score", "x"]) == 2
+
+
+# --- latent kNN anomaly score -------------------------------------------------------------------
+@pytest.mark.parametrize("n, m, d, k, chunk", [(37, 50, 5, 1, 8), (64, 200, 3, 7, 1000),
+                                                (9, 9, 2, 9, 4)])
+def test_knn_distance_matches_brute_force(n, m, d, k, chunk):
+    from engine.anomaly import knn_distance
+
+    query, bank = torch.randn(n, d, dtype=torch.float64), torch.randn(m, d, dtype=torch.float64)
+    got = knn_distance(query, bank, k, chunk)
+    # reference: every cosine distance in a Python loop, sorted per row, the k-th smallest
+    expected = []
+    for q in query:
+        cos = [float(q @ b / (q.norm() * b.norm())) for b in bank]
+        expected.append(sorted(1 - c for c in cos)[k - 1])
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+
+
+def test_knn_distance_ranks_an_unseen_direction_highest():
+    from engine.anomaly import knn_distance
+
+    bank = torch.randn(300, 4)
+    bank[:, 0] = bank[:, 0].abs() + 1.0  # every bank code points into x0 > 0
+    familiar = bank[:20] + 0.01 * torch.randn(20, 4)
+    unseen = -bank[20:40]  # the opposite half-space
+    score = knn_distance(torch.cat([familiar, unseen]), bank, k=3)
+    assert score[20:].min() > score[:20].max()
+    assert roc_auc(score, torch.arange(40) >= 20) == 1.0
+
+
+def test_knn_distance_rejects_bad_shapes_and_k():
+    from engine.anomaly import knn_distance
+
+    with pytest.raises(ValueError, match=r"expected query \(N, D\) and bank \(M, D\)"):
+        knn_distance(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"--knn-k must lie in \[1, 5\]"):
+        knn_distance(torch.randn(3, 4), torch.randn(5, 4), k=6)
+
+
+@needs_mnist
+def test_training_bank_leaves_out_the_excluded_classes(trained_mlp, tmp_path):
+    from engine.data import load_images, split_train_val
+
+    run = save(tmp_path, trained_mlp, exclude_class=[1, 7])
+    args = ev.build_parser().parse_args([str(run), "--knn-bank", "400"])
+    config = ckpt.read(run / "best").config["train"]
+    bank = ev.training_means(trained_mlp, config, args)
+    _, labels = load_images("mnist", DATA_DIR, train=True)
+    first = labels[split_train_val(labels.shape[0])[0][:400]]
+    assert bank.shape == (int((~torch.isin(first, torch.tensor([1, 7]))).sum()), 4)
+
+
+@needs_mnist
+def test_cli_latent_knn_anomaly_score(trained_mlp, tmp_path):
+    run = save(tmp_path, trained_mlp, exclude_class=[1])
+    out = tmp_path / "r.json"
+    assert ev.main([str(run), "--max-images", "300", "--anomaly", "--holdout-class", "1",
+                    "--anomaly-score", "latent-knn", "--knn-k", "3", "--knn-bank", "500",
+                    "--out", str(out)]) == 0
+    an = json.loads(out.read_text())["anomaly"]
+    assert an["score"].startswith("latent kNN (cosine, k=3, bank ")
+    assert 0.0 <= an["roc_auc"] <= 1.0 and an["n_positive"] > 0
+    assert all(v >= -1e-6 for v in an["mean_score_per_class"].values())  # distances in [0, 2]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--anomaly", "--holdout-class", "1", "--anomaly-score", "knn"], "one of elbo, complexity"),
+    (["--anomaly", "--holdout-class", "1", "--knn-k", "0"], "--knn-k and --knn-bank must be"),
+])
+def test_cli_rejects_bad_knn_arguments(tmp_path, capsys, argv, message):
+    run = save(tmp_path, build_model("mlp", hidden_dims=(16,), latent_dim=2))
+    assert ev.main([str(run), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
