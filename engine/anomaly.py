@@ -152,8 +152,8 @@ def _row(report: dict[str, Any]) -> dict[str, Any]:
 def markdown_table(summary: dict[str, Any]) -> str:
     lines = ["| held-out digit | ROC-AUC | mean score, held-out digit | mean score, other digits"
              " (unweighted) | test ELBO, all digits |", "|---|---|---|---|---|"]
-    lines += [f"| {r['holdout_class']} | {r['roc_auc']:.3f} | {r['score_heldout']:.1f} |"
-              f" {r['score_others']:.1f} | {r['test_elbo']:.2f} |" for r in summary["per_class"]]
+    lines += [f"| {r['holdout_class']} | {r['roc_auc']:.3f} | {r['score_heldout']:.4g} |"
+              f" {r['score_others']:.4g} | {r['test_elbo']:.2f} |" for r in summary["per_class"]]
     lines.append(f"| **mean** | **{summary['mean_roc_auc']:.3f}** | | | |")
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,8 @@
 # fmnist   2-D latent ConvVAE on Fashion-MNIST: latent grid + scatter -> docs/results/fmnist_*.png
 # anomaly  leave-one-digit-out MNIST: 10 short trainings (--exclude-class C), ROC-AUC of the
 #          held-out digit by -ELBO                   -> docs/results/anomaly_mnist.{json,md}
+#          then the same models rescored (anomaly-complexity, anomaly-knn sections)
+#                                    -> docs/results/anomaly_mnist_{complexity,latent-knn}.*
 # vq       two short VQ-VAE runs, same seed, with and without dead-code restart
 #                                                    -> docs/results/vq_dead_codes.{json,md}
 #
@@ -77,18 +79,19 @@ anomaly() {
   done
   $PY -m engine.anomaly "${reports[@]}" --json "$RESULTS/anomaly_mnist.json" \
     --markdown "$RESULTS/anomaly_mnist.md"
-  anomaly_complexity
+  anomaly_rescore complexity
+  anomaly_rescore latent-knn
 }
 
-anomaly_complexity() {  # the same 10 models, score corrected by a zlib code length
-  local reports=()
+anomaly_rescore() {  # anomaly_rescore SCORE: the same 10 models under --anomaly-score SCORE
+  local score=$1 reports=()
   for c in 0 1 2 3 4 5 6 7 8 9; do
     $PY -m engine.evaluate "$RUNS/anomaly/no$c" --anomaly --holdout-class "$c" \
-      --anomaly-score complexity --out "$RUNS/anomaly/no$c/anomaly_complexity.json"
-    reports+=("$RUNS/anomaly/no$c/anomaly_complexity.json")
+      --anomaly-score "$score" --out "$RUNS/anomaly/no$c/anomaly_$score.json"
+    reports+=("$RUNS/anomaly/no$c/anomaly_$score.json")
   done
-  $PY -m engine.anomaly "${reports[@]}" --json "$RESULTS/anomaly_mnist_complexity.json" \
-    --markdown "$RESULTS/anomaly_mnist_complexity.md"
+  $PY -m engine.anomaly "${reports[@]}" --json "$RESULTS/anomaly_mnist_$score.json" \
+    --markdown "$RESULTS/anomaly_mnist_$score.md"
 }
 
 vq_train() {  # vq_train NAME DEAD_CODE_THRESHOLD: a preset registered for this run only
@@ -137,8 +140,9 @@ case "${1:-all}" in
   quality-long) quality_long ;;
   fmnist) fmnist ;;
   anomaly) anomaly ;;
-  anomaly-complexity) anomaly_complexity ;;
+  anomaly-complexity) anomaly_rescore complexity ;;
+  anomaly-knn) anomaly_rescore latent-knn ;;
   vq) vq ;;
   all) quality; quality_long; fmnist; anomaly; vq ;;
-  *) echo "usage: $0 [quality|quality-long|fmnist|anomaly|anomaly-complexity|vq|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quality|quality-long|fmnist|anomaly|anomaly-complexity|anomaly-knn|vq|all]" >&2; exit 2 ;;
 esac
