@@ -28,6 +28,7 @@ class Backend:
     device: torch.device
     precision: str = "fp32"
     batch_range: tuple[int, int | None] = (1, None)
+    cuda_graphs: bool = False  # whether runs replay captured CUDA graphs
 
     @classmethod
     def installed(cls) -> bool:
@@ -95,28 +96,26 @@ class OnnxRuntimeBackend(Backend):
 
     CPU: `session.run` on numpy views of the tensors (no copies either way).
     CUDA: IOBinding on torch tensors' device pointers, on torch's current stream
-    (`user_compute_stream`), outputs allocated by torch; no host round trip.
+    (`user_compute_stream`), outputs allocated by torch; no host round trip. With the CUDA EP
+    first and `cuda_graphs`, each batch shape is captured once as a CUDA graph and replayed
+    (engine.runtime_ort_cuda); a model ONNX Runtime cannot capture whole falls back to plain
+    IOBinding, and `cuda_graphs` says which one runs.
     """
 
     name, requires = "onnxruntime", "onnxruntime"
     install_hint = "pip install onnxruntime (CPU) or onnxruntime-gpu (never both)"
     PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
-    def __init__(self, path: Path, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, path: Path, device: str | None = None, threads: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         ort = self.require()
         fix = "re-export it with python -m export.onnx CKPT"
         entry = _verify(path, fix)
         self.path, self.precision = path, (entry or {}).get("precision", "fp32")
-        providers = self._providers(ort, device)
         opts = ort.SessionOptions()
         if threads:  # ONNX Runtime's own pool; torch's threads are a process-wide setting
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise SamplerError(f"cannot load {path} with ONNX Runtime: not a valid ONNX model"
-                               f" (truncated or corrupt?): {str(e).splitlines()[0][:200]}; {fix}"
-                               ) from e
+        self.session = self._session(ort, path, opts, self._providers(ort, device), cuda_graphs)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.spec = ModelSpec.from_metadata(meta, str(path))
         self.precision = meta.get("precision", self.precision)
@@ -130,10 +129,37 @@ class OnnxRuntimeBackend(Backend):
         self._out_names = list(self.output_names)
         self._first = self.input_names[0]
         if on_gpu:
-            _np_dtypes()
-            self.run1 = lambda z: self._run_cuda((z,))[0]
-        self.run = self._run_cuda if on_gpu else self._run_cpu_1 if len(self.input_names) == 1 \
-            else self._run_cpu
+            self.run = self._gpu_runner()
+            self.run1 = lambda z: self.run((z,))[0]
+        else:
+            self.run = self._run_cpu_1 if len(self.input_names) == 1 else self._run_cpu
+
+    def _session(self, ort: Any, path: Path, opts: Any, providers: list[Any],
+                 cuda_graphs: bool) -> Any:
+        """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first."""
+        fix = "re-export it with python -m export.onnx CKPT"
+        first = providers[0]
+        if cuda_graphs and isinstance(first, tuple) and first[0] == "CUDAExecutionProvider":
+            graphs = [(first[0], {**first[1], "enable_cuda_graph": "1"}), *providers[1:]]
+            try:  # refused when some node is not on the CUDA EP: plain IOBinding then
+                session = ort.InferenceSession(str(path), opts, providers=graphs)
+                self.cuda_graphs = True
+                return session
+            except Exception:  # onnxruntime raises its own types; the plain load says why
+                pass
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise SamplerError(f"cannot load {path} with ONNX Runtime: not a valid ONNX model"
+                               f" (truncated or corrupt?): {str(e).splitlines()[0][:200]}; {fix}"
+                               ) from e
+
+    def _gpu_runner(self) -> Any:
+        from engine.runtime_ort_cuda import CudaGraphRunner, run_bound
+
+        if self.cuda_graphs:
+            return CudaGraphRunner(self.session, self.input_names)
+        return lambda inputs: run_bound(self.session, self.input_names, inputs)
 
     def _providers(self, ort: Any, device: str | None) -> list[Any]:
         available = set(ort.get_available_providers())
@@ -161,36 +187,6 @@ class OnnxRuntimeBackend(Backend):
     def run1(self, z: Tensor) -> Tensor:
         """The batch-1 hot path (one input, one output, CPU): the least Python there is."""
         return torch.from_numpy(self._run(self._out_names, {self._first: z.numpy()}, None)[0])
-
-    def _run_cuda(self, inputs: Sequence[Tensor]) -> list[Tensor]:
-        import numpy as np
-
-        binding = self.session.io_binding()
-        dev = self.device.index or 0
-        for name, t in zip(self.input_names, inputs):
-            t = t.contiguous()
-            binding.bind_input(name, "cuda", dev, _NP[t.dtype], list(t.shape), t.data_ptr())
-        batch = inputs[0].shape[0]
-        outs = []
-        for o in self.session.get_outputs():
-            shape = (batch, *(int(d) for d in o.shape[1:]))
-            dtype = torch.int64 if o.type == "tensor(int64)" else torch.float32
-            out = torch.empty(shape, dtype=dtype, device=self.device)
-            binding.bind_output(o.name, "cuda", dev, np.dtype(_NP[dtype]), list(shape),
-                                out.data_ptr())
-            outs.append(out)
-        self.session.run_with_iobinding(binding)
-        return outs
-
-
-_NP: dict[torch.dtype, Any] = {}
-
-
-def _np_dtypes() -> None:
-    import numpy as np
-
-    _NP.update({torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-                torch.int32: np.int32})
 
 
 class AOTInductorBackend(Backend):
@@ -256,7 +252,8 @@ class EagerBackend(Backend):
         inputs, outputs = part_specs(parts["decoder"])
         self.spec = _spec_from_section(model_section(config, inputs, outputs), inputs, outputs)
         module = parts[part].module.eval()
-        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.cuda_graphs = compile and self.device.type == "cuda"  # reduce-overhead mode
+        mode = "reduce-overhead" if self.cuda_graphs else None
         self.fn = torch.compile(module, mode=mode) if compile else module
         self.name = "compile" if compile else "eager"
 

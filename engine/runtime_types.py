@@ -63,3 +63,4 @@ class RuntimeInfo:
     conditional: bool
     num_classes: int
     artifact: str
+    cuda_graphs: bool = False  # runs replay captured CUDA graphs (ORT CUDA EP, compile on CUDA)
