@@ -10,6 +10,8 @@ Providers:
   eager     the export view under torch.inference_mode (what Sampler's eager backend runs)
   compile   torch.compile(mode="reduce-overhead", dynamic=False): CUDA graphs, one per batch size
   aoti      export.aoti's package compiled for CUDA, run through engine.runtime.Sampler
+  ort-cuda, ort-cuda-graphs   Sampler over export.onnx's decoder on ONNX Runtime's CUDA EP,
+            plain IOBinding and CUDA graphs; only when onnxruntime-gpu is importable
 Writes <out>/gpu_runtime.json and <out>/gpu_runtime.md with the device, versions and commit.
 Runs on torch 2.11 and 2.14; needs a CUDA GPU (exits 1 with a message otherwise).
 """
@@ -76,7 +78,20 @@ def providers(run: Path, view: torch.nn.Module, batch: int
             return compiled(z)
 
     aoti = Sampler.load(run / "export" / "decoder.pt2", device="cuda")
-    return {"eager": eager, "compile": compile_, "aoti": aoti.decode}
+    fns = {"eager": eager, "compile": compile_, "aoti": aoti.decode}
+    if (run / "export" / "decoder.onnx").exists():
+        onnx = run / "export" / "decoder.onnx"
+        fns["ort-cuda"] = Sampler.load(onnx, device="cuda", cuda_graphs=False).decode
+        fns["ort-cuda-graphs"] = Sampler.load(onnx, device="cuda").decode
+    return fns
+
+
+def ort_cuda_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def check_agreement(fns: dict[str, Callable], z: torch.Tensor) -> dict[str, float]:
@@ -90,6 +105,10 @@ def run_subject(subject: str, root: Path, batches: list[int], args) -> list[dict
 
     run, view, latent = build(subject, root)
     export_aoti(run, device="cuda", batches=(1, 7))
+    if ort_cuda_available():
+        from export.onnx import export_onnx
+
+        export_onnx(run, parts="decoder", batches=(1, 7))
     rows = []
     for batch in batches:
         z = torch.randn(batch, latent, device="cuda")
