@@ -11,6 +11,7 @@
 #          held-out digit by -ELBO                   -> docs/results/anomaly_mnist.{json,md}
 #          then the same models rescored (anomaly-complexity, anomaly-knn sections)
 #                                    -> docs/results/anomaly_mnist_{complexity,latent-knn}.*
+#          and latent-knn for k = 1..200 (anomaly-knn-k)   -> docs/results/anomaly_mnist_knn_k.json
 # vq       two short VQ-VAE runs, same seed, with and without dead-code restart
 #                                                    -> docs/results/vq_dead_codes.{json,md}
 #
@@ -94,6 +95,28 @@ anomaly_rescore() {  # anomaly_rescore SCORE: the same 10 models under --anomaly
     --markdown "$RESULTS/anomaly_mnist_$score.md"
 }
 
+anomaly_knn_k() {  # the latent-knn score's sensitivity to k, same 10 models
+  for k in 1 5 10 50 200; do
+    local reports=()
+    for c in 0 1 2 3 4 5 6 7 8 9; do
+      $PY -m engine.evaluate "$RUNS/anomaly/no$c" --anomaly --holdout-class "$c" \
+        --anomaly-score latent-knn --knn-k "$k" --out "$RUNS/anomaly/no$c/anomaly_knn_k$k.json"
+      reports+=("$RUNS/anomaly/no$c/anomaly_knn_k$k.json")
+    done
+    $PY -m engine.anomaly "${reports[@]}" --json "$RUNS/anomaly/knn_k$k.json"
+  done
+  $PY - "$RUNS/anomaly" "$RESULTS/anomaly_mnist_knn_k.json" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = {k: json.loads(Path(sys.argv[1], f"knn_k{k}.json").read_text()) for k in (1, 5, 10, 50, 200)}
+table = {k: {"mean_roc_auc": s["mean_roc_auc"],
+             "per_class": {r["holdout_class"]: r["roc_auc"] for r in s["per_class"]}}
+         for k, s in rows.items()}
+Path(sys.argv[2]).write_text(json.dumps(table, indent=2) + "\n")
+print("\n".join(f"k={k}: mean ROC-AUC {v['mean_roc_auc']:.3f}" for k, v in table.items()))
+EOF
+}
+
 vq_train() {  # vq_train NAME DEAD_CODE_THRESHOLD: a preset registered for this run only
   $PY - "$1" "$2" "$RUNS/vq-$1" <<'EOF'
 import sys
@@ -142,7 +165,8 @@ case "${1:-all}" in
   anomaly) anomaly ;;
   anomaly-complexity) anomaly_rescore complexity ;;
   anomaly-knn) anomaly_rescore latent-knn ;;
+  anomaly-knn-k) anomaly_knn_k ;;
   vq) vq ;;
   all) quality; quality_long; fmnist; anomaly; vq ;;
-  *) echo "usage: $0 [quality|quality-long|fmnist|anomaly|anomaly-complexity|anomaly-knn|vq|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quality|quality-long|fmnist|anomaly|anomaly-complexity|anomaly-knn|anomaly-knn-k|vq|all]" >&2; exit 2 ;;
 esac
