@@ -138,7 +138,10 @@ class OnnxRuntimeBackend(Backend):
                  cuda_graphs: bool) -> Any:
         """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first."""
         fix = "re-export it with python -m export.onnx CKPT"
+        from engine.runtime_ort_cuda import supports_graph_ids
+
         first = providers[0]
+        cuda_graphs = cuda_graphs and supports_graph_ids(ort.__version__)
         if cuda_graphs and isinstance(first, tuple) and first[0] == "CUDAExecutionProvider":
             graphs = [(first[0], {**first[1], "enable_cuda_graph": "1"}), *providers[1:]]
             try:  # refused when some node is not on the CUDA EP: plain IOBinding then

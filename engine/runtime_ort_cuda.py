@@ -34,6 +34,17 @@ NP_DTYPES: dict[torch.dtype, Any] = {torch.float32: np.float32, torch.float16: n
 ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16,
               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
 MAX_GRAPHS = 8
+GRAPH_IDS_SINCE = (1, 18)  # onnxruntime release that added the gpu_graph_id run option
+
+
+def supports_graph_ids(version: str) -> bool:
+    """Whether this onnxruntime keeps one CUDA graph per gpu_graph_id. Older releases capture a
+    single graph per session and would replay it for any shape, so graphs stay off there."""
+    parts = version.split("+")[0].split(".")[:2]
+    try:
+        return tuple(int(p) for p in parts) >= GRAPH_IDS_SINCE
+    except ValueError:  # a development version string: assume a recent build
+        return True
 
 
 def output_buffers(session: Any, batch: int, device: torch.device) -> list[Tensor]:

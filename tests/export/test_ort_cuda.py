@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.runtime import Sampler
-from engine.runtime_ort_cuda import CudaGraphRunner, output_buffers, run_bound
+from engine.runtime_ort_cuda import CudaGraphRunner, output_buffers, run_bound, supports_graph_ids
 
 
 class CountingSession:
@@ -84,6 +84,13 @@ def test_output_buffers_refuse_symbolic_dims():
         output_buffers(Session(), 2, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("version, ok", [("1.17.3", False), ("1.18.0", True), ("1.31.1", True),
+                                         ("2.0.0", True), ("1.9.0", False), ("1.22.0+cu12", True),
+                                         ("1.20.0.dev20250101", True), ("main", True)])
+def test_graph_ids_need_onnxruntime_1_18(version, ok):
+    assert supports_graph_ids(version) is ok
+
+
 def test_cpu_sessions_report_no_cuda_graphs(onnx_exported):
     assert Sampler.load(onnx_exported("mlp")).info.cuda_graphs is False
 
@@ -100,3 +107,30 @@ def test_cuda_graph_sampler_matches_plain_iobinding(onnx_exported):
     for batch in (1, 7, 1, 256, 7):
         z = torch.randn(batch, 8, device="cuda")
         torch.testing.assert_close(graphs.decode(z), plain.decode(z), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("capture_ok", [True, False])
+def test_session_falls_back_when_graph_capture_is_refused(capture_ok, tmp_path):
+    from engine.runtime_backends import OnnxRuntimeBackend
+
+    tried = []
+
+    class FakeOrt:
+        __version__ = "1.31.0"
+
+        @staticmethod
+        def InferenceSession(path, opts, providers):
+            tried.append(providers)
+            if "enable_cuda_graph" in providers[0][1] and not capture_ok:
+                raise RuntimeError("not all nodes are on the CUDA EP")
+            return "session"
+
+    backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
+    cuda = ("CUDAExecutionProvider", {"user_compute_stream": "7"})
+    session = backend._session(FakeOrt, tmp_path / "m.onnx", None, [cuda, "CPUExecutionProvider"],
+                               cuda_graphs=True)
+    assert session == "session" and backend.cuda_graphs is capture_ok
+    assert tried[0][0] == ("CUDAExecutionProvider",
+                           {"user_compute_stream": "7", "enable_cuda_graph": "1"})
+    assert tried[-1][0] == (cuda if not capture_ok else tried[0][0])
+    assert len(tried) == (1 if capture_ok else 2)
