@@ -101,7 +101,7 @@ def likelihood_score(stats: dict[str, Tensor], iw_samples: int = 1,
     return score - complexity, name + " - L_zlib"
 
 
-def knn_distance(query: Tensor, bank: Tensor, k: int = 10, chunk: int = 1024) -> Tensor:
+def knn_distance(query: Tensor, bank: Tensor, k: int = 10, chunk: int = 256) -> Tensor:
     """Cosine distance (N,) float64 from each query row (N, D) to its k-th nearest bank row
     (M, D). Rows are L2-normalized, so d = 1 - q.b (= |q - b|^2 / 2) and the k-th nearest is
     the k-th largest similarity; query chunks keep the (chunk, M) similarity block small."""
