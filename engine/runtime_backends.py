@@ -137,9 +137,9 @@ class OnnxRuntimeBackend(Backend):
     def _session(self, ort: Any, path: Path, opts: Any, providers: list[Any],
                  cuda_graphs: bool) -> Any:
         """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first."""
-        fix = "re-export it with python -m export.onnx CKPT"
         from engine.runtime_ort_cuda import supports_graph_ids
 
+        fix = "re-export it with python -m export.onnx CKPT"
         first = providers[0]
         cuda_graphs = cuda_graphs and supports_graph_ids(ort.__version__)
         if cuda_graphs and isinstance(first, tuple) and first[0] == "CUDAExecutionProvider":
