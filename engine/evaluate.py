@@ -318,7 +318,8 @@ def format_table(report: dict[str, Any]) -> str:
                  ("perplexity", f"{vq['perplexity']:.2f}"), ("dead codes", str(vq["dead_codes"]))]
     if "anomaly" in report:
         an = report["anomaly"]
-        rows.append((f"ROC-AUC class {an['holdout_class']}", f"{an['roc_auc']:.4f}"))
+        rows.append((f"ROC-AUC class {an['holdout_class']}",
+                     f"{an['roc_auc']:.4f}  (score: {an['score']})"))
     rows.append(("seconds", f"{report['seconds']:.1f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
