@@ -37,7 +37,12 @@ from engine.runtime_backends import (  # noqa: F401  (re-exported)
     OnnxRuntimeBackend,
     TensorRTBackend,
 )
-from engine.runtime_types import ModelSpec, RuntimeInfo, SamplerError  # noqa: F401
+from engine.runtime_types import (  # noqa: F401  (re-exported)
+    ModelSpec,
+    RuntimeInfo,
+    SamplerError,
+    require_finite,
+)
 
 DEFAULT_CHUNK = 4096  # sample() batch size when the backend has no upper bound
 
@@ -107,6 +112,9 @@ class Sampler:
         self._direct = single and backend.batch_range == (1, None)
         self._run1 = backend.run1
         self._cpu = self.device.type == "cpu"
+        # Non-finite inputs are refused on the CPU (on CUDA the check would cost a device
+        # sync per call). The ONNX Runtime CPU backend checks inside run1, on its numpy view.
+        self._check_direct = self._cpu and not backend.run1_checks_finite
         self._gen = torch.Generator(device=self.device)
         self._gen.seed()
 
@@ -146,7 +154,11 @@ class Sampler:
             self._latent_error(z)
         if (self._direct and labels is None and not z.requires_grad
                 and (z.is_cpu if self._cpu else z.device == self.device) and z.shape[0]):
+            if self._check_direct:
+                require_finite(z, "decode(): the latent")
             return self._run1(z)  # the hot path: nothing else happens
+        if z.is_cpu:
+            require_finite(z, "decode(): the latent")
         return self._call(self._inputs(z.detach().to(self.device), labels, extra))
 
     def _inputs(self, z: Tensor, labels: Any, extra: dict[str, Any]) -> tuple[Tensor, ...]:
@@ -267,6 +279,8 @@ class Sampler:
             got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"encode(): expected images of shape (B, {', '.join(map(str, shape))})"
                              f" float32, got {got}")
+        if x.is_cpu:
+            require_finite(x, "encode(): the images")
         if self._encoder is None:
             self._encoder = self._backend.part("encoder")
         inputs = (x.to(self.device, torch.float32),)

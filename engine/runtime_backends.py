@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +14,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from engine.runtime_types import ModelSpec, RuntimeInfo, SamplerError  # noqa: F401
+from engine.runtime_types import (  # noqa: F401
+    ModelSpec,
+    RuntimeInfo,
+    SamplerError,
+    finite_sum,
+    require_finite,
+)
 
 
 # ------------------------------------------------------------------------------------
@@ -29,6 +36,7 @@ class Backend:
     precision: str = "fp32"
     batch_range: tuple[int, int | None] = (1, None)
     cuda_graphs: bool = False  # whether runs replay captured CUDA graphs
+    run1_checks_finite: bool = False  # run1 refuses NaN/inf latents itself
 
     @classmethod
     def installed(cls) -> bool:
@@ -187,9 +195,16 @@ class OnnxRuntimeBackend(Backend):
         feed = {n: t.detach().numpy() for n, t in zip(self.input_names, inputs)}
         return [torch.from_numpy(o) for o in self._run(self._out_names, feed, None)]
 
+    run1_checks_finite = True  # on the CPU; on CUDA run1 is replaced and checks nothing
+
     def run1(self, z: Tensor) -> Tensor:
-        """The batch-1 hot path (one input, one output, CPU): the least Python there is."""
-        return torch.from_numpy(self._run(self._out_names, {self._first: z.numpy()}, None)[0])
+        """The batch-1 hot path (one input, one output, CPU): the least Python there is. The
+        float64 sum of the latent is finite iff every element is."""
+        a = z.numpy()
+        total = finite_sum(a)
+        if not math.isfinite(total):
+            require_finite(z, "decode(): the latent", total)
+        return torch.from_numpy(self._run(self._out_names, {self._first: a}, None)[0])
 
 
 class AOTInductorBackend(Backend):

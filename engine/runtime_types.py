@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
+
+_add_reduce, _float64 = np.add.reduce, np.float64  # bound once: the check runs per call
 
 
 class SamplerError(RuntimeError):
@@ -64,3 +69,33 @@ class RuntimeInfo:
     num_classes: int
     artifact: str
     cuda_graphs: bool = False  # runs replay captured CUDA graphs (ORT CUDA EP, compile on CUDA)
+
+
+SMALL = 256  # arrays up to this size are summed in Python: the batch-1 hot path
+
+
+def finite_sum(a: Any) -> float:
+    """Sum of a float32/float64 array in float64: finite iff every element is (short of
+    overflow past 1e308). Small arrays go through tolist() and Python's sum, which costs about
+    1 us after an ONNX Runtime call where numpy's reduction costs about 3 (cold code paths);
+    larger ones through numpy's vectorized reduction."""
+    if a.size <= SMALL:
+        return sum(a.ravel().tolist())
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the caller reports it
+        return _add_reduce(a, None, _float64)
+
+
+def require_finite(t: Tensor, what: str, total: Any = None) -> None:
+    """Raise a one-line ValueError naming the rows of a CPU tensor `t` (B, ...) that hold a NaN
+    or inf. Fast path: the sum of a float array is finite iff every element is, short of
+    overflow (then the exact check below decides); pass `total` if it is already computed."""
+    if not t.is_floating_point():
+        return
+    if total is None and t.dtype in (torch.float32, torch.float64):
+        total = finite_sum(t.detach().numpy())  # ~1 us at batch 1, vs ~8 us for isfinite
+    if total is not None and math.isfinite(total):
+        return
+    bad = (~torch.isfinite(t.detach())).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{what} holds NaN or inf in {len(bad)} of {t.shape[0]} rows (first:"
+                         f" row {bad[0]}); fix or drop those rows before calling")

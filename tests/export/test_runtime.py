@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -116,6 +117,48 @@ def test_labels_missing_or_unexpected(onnx_exported):
 def test_wrong_image_shape_for_encode(onnx_exported):
     with pytest.raises(ValueError, match=r"encode\(\): expected images of shape \(B, 1, 28, 28\)"):
         Sampler.load(onnx_exported("mlp")).encode(torch.zeros(2, 3, 28, 28))
+
+
+@pytest.mark.parametrize("artifact", ["decoder.onnx", "decoder.pt2", "checkpoint"])
+@pytest.mark.parametrize("batch", [1, 7])
+def test_non_finite_latents_are_refused(onnx_exported, aoti_exported, artifact, batch):
+    export_dir = aoti_exported("mlp") if artifact == "decoder.pt2" else onnx_exported("mlp")
+    s = Sampler.load(export_dir.parent if artifact == "checkpoint" else export_dir / artifact)
+    z = torch.randn(batch, 8)
+    row = int(torch.randint(batch, ()))
+    z[row, int(torch.randint(8, ()))] = float(["nan", "inf", "-inf"][int(torch.randint(3, ()))])
+    with pytest.raises(ValueError, match=rf"latent holds NaN or inf in 1 of {batch} rows"
+                                         rf" \(first: row {row}\)"):
+        s.decode(z)
+    huge = torch.full((batch, 8), 3e38)  # finite, though its float32 sum overflows
+    assert s.decode(huge).shape == (batch, 1, 28, 28)
+
+
+@pytest.mark.parametrize("size", [1, 20, 256, 257, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_sum_is_finite_exactly_when_every_element_is(size, dtype):
+    from engine.runtime_types import finite_sum
+
+    a = torch.randn(size, dtype=dtype)
+    assert finite_sum(a.numpy()) == pytest.approx(float(a.double().sum()), rel=1e-9, abs=1e-9)
+    for bad in ("nan", "inf", "-inf"):
+        b = a.clone()
+        b[int(torch.randint(size, ()))] = float(bad)
+        assert not math.isfinite(finite_sum(b.numpy()))
+    if size > 1:  # inf and -inf together sum to NaN: still caught
+        b = a.clone()
+        b[0], b[-1] = float("inf"), float("-inf")
+        assert not math.isfinite(finite_sum(b.numpy()))
+    big = torch.full((size,), 3e38, dtype=dtype)  # float32-overflowing, float64-finite sum
+    assert math.isfinite(finite_sum(big.numpy()))
+
+
+def test_non_finite_images_are_refused_by_encode(onnx_exported):
+    x = torch.rand(5, 1, 28, 28)
+    x[3, 0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"encode\(\): the images holds NaN or inf in 1 of 5 rows"
+                                         r" \(first: row 3\)"):
+        Sampler.load(onnx_exported("mlp")).encode(x)
 
 
 # --- artifact errors ---------------------------------------------------------------------------
