@@ -225,6 +225,13 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path
             f" unexpected {unexpected[:3]}, shape mismatch {wrong[:3]}; was it written for"
             " another model or config?"
         )
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(
+            f"{where} holds NaN or inf in {len(bad)} tensor(s) (first: {bad[0]}): training"
+            " diverged before this was saved, or it was written by another tool; use an earlier"
+            " checkpoint (e.g. the run's best/)"
+        )
     model.load_state_dict(tensors)
 
 

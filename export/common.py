@@ -15,6 +15,7 @@ The check fails (ExportError, non-zero exit) when max_abs > TOLERANCE[precision]
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -171,7 +172,12 @@ def compare(ref: Sequence[Tensor], got: Sequence[Tensor]) -> dict[str, float]:
             stats["mismatch"] = max(stats["mismatch"], frac)
             continue
         r64, g64 = r.double(), g.double()
+        if not bool(torch.isfinite(r64).all()):
+            raise ExportError("parity: the PyTorch model itself gives NaN/inf on random inputs;"
+                              " its weights are probably not finite: evaluate or retrain the"
+                              " checkpoint before exporting it")
         err = (g64 - r64).abs().max().item() if r.numel() else 0.0
+        err = math.inf if math.isnan(err) else err  # NaN where PyTorch is finite: a failure
         scale = r64.abs().max().item() if r.numel() else 0.0
         stats["max_abs"] = max(stats["max_abs"], err)
         stats["max_rel"] = max(stats["max_rel"], err / max(scale, 1e-12))

@@ -95,3 +95,16 @@ def test_checkpoint_files_are_safetensors_and_json_only(tmp_path):
         head = f.read_bytes()[:2]
         assert f.suffix in (".json", ".safetensors") and head != b"\x80\x04", f  # no pickle
     assert json.loads((path / "config.json").read_text())["model"]["family"] == "mlp"
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_weights_are_refused_on_load(tmp_path, bad):
+    model, path = saved(tmp_path, family="mlp", hidden_dims=(8,))
+    names = [k for k, t in model.state_dict().items() if t.is_floating_point()]
+    name = names[int(torch.randint(len(names), ()))]
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[0] = float(bad)
+    ckpt.save(path, model)
+    with pytest.raises(ckpt.CheckpointError, match=rf"holds NaN or inf in 1 tensor\(s\) \(first:"
+                                                   rf" {name}\).*earlier checkpoint"):
+        ckpt.load_model(path)

@@ -136,3 +136,17 @@ def test_crystal_decoder_with_extra_inputs(checkpoints, tmp_path):
     assert_agree(tuple(b), tuple(a), "crystal heads")
     with pytest.raises(ValueError, match=r"missing \['mask'\]"):
         ort.sample(2)
+
+
+def test_compare_fails_on_nan_in_the_export_and_refuses_a_nan_reference():
+    from export.common import ExportError, check_parity
+
+    ref = torch.rand(4, 3)
+    got = ref.clone()
+    got[int(torch.randint(4, ())), int(torch.randint(3, ()))] = float("nan")
+    assert compare((ref,), (got,))["max_abs"] == float("inf")
+    with pytest.raises(ExportError, match="parity check failed: max_abs inf"):
+        check_parity("decoder.onnx", lambda z: z.sigmoid(), lambda z: z.sigmoid() * float("nan"),
+                     ["z"], [torch.zeros(1, 3)], {}, batches=(2,))
+    with pytest.raises(ExportError, match="the PyTorch model itself gives NaN/inf"):
+        compare((got,), (ref,))
