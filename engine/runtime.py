@@ -152,7 +152,7 @@ class Sampler:
         Batches larger than the engine's profile are split; smaller ones are padded."""
         if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
             self._latent_error(z)
-        if (self._direct and labels is None and not z.requires_grad
+        if (self._direct and labels is None and not extra and not z.requires_grad
                 and (z.is_cpu if self._cpu else z.device == self.device) and z.shape[0]):
             if self._check_direct:
                 require_finite(z, "decode(): the latent")

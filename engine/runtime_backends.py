@@ -15,12 +15,15 @@ import torch
 from torch import Tensor
 
 from engine.runtime_types import (  # noqa: F401
+    SMALL,
     ModelSpec,
     RuntimeInfo,
     SamplerError,
     finite_sum,
     require_finite,
 )
+
+isfinite, from_numpy = math.isfinite, torch.from_numpy  # bound once for the batch-1 hot path
 
 
 # ------------------------------------------------------------------------------------
@@ -199,12 +202,13 @@ class OnnxRuntimeBackend(Backend):
 
     def run1(self, z: Tensor) -> Tensor:
         """The batch-1 hot path (one input, one output, CPU): the least Python there is. The
-        float64 sum of the latent is finite iff every element is."""
+        float64 sum of the latent is finite iff every element is; for a latent-sized array,
+        Python's sum over tolist() is the cheapest way to take it (~1 us)."""
         a = z.numpy()
-        total = finite_sum(a)
-        if not math.isfinite(total):
+        total = sum(a.ravel().tolist()) if a.size <= SMALL else finite_sum(a)
+        if not isfinite(total):
             require_finite(z, "decode(): the latent", total)
-        return torch.from_numpy(self._run(self._out_names, {self._first: a}, None)[0])
+        return from_numpy(self._run(self._out_names, {self._first: a}, None)[0])
 
 
 class AOTInductorBackend(Backend):
