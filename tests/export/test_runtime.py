@@ -114,6 +114,14 @@ def test_labels_missing_or_unexpected(onnx_exported):
         Sampler.load(onnx_exported("mlp")).decode(torch.zeros(3, 8), torch.zeros(3).long())
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+def test_unexpected_extra_inputs_are_refused(onnx_exported, batch):
+    s = Sampler.load(onnx_exported("mlp"))
+    with pytest.raises(ValueError, match=r"takes inputs \['z'\]: missing \[\],"
+                                         r" unexpected \['mask'\]"):
+        s.decode(torch.randn(batch, 8), mask=torch.ones(batch, 4))
+
+
 def test_wrong_image_shape_for_encode(onnx_exported):
     with pytest.raises(ValueError, match=r"encode\(\): expected images of shape \(B, 1, 28, 28\)"):
         Sampler.load(onnx_exported("mlp")).encode(torch.zeros(2, 3, 28, 28))
