@@ -137,6 +137,11 @@ class Sampler:
         return cls(cls_(artifact, device), artifact)
 
     @property
+    def backend(self) -> Backend:
+        """The loaded backend (e.g. `.session`, the ort.InferenceSession, for ONNX Runtime)."""
+        return self._backend
+
+    @property
     def info(self) -> RuntimeInfo:
         b, s = self._backend, self.spec
         return RuntimeInfo(b.name, str(self.device), b.precision, b.batch_range[0],
