@@ -76,16 +76,22 @@ def _launch_params(n: int) -> dict[str, int]:
     return {"BLOCK": block, "num_warps": 4 if block >= 512 else 1}
 
 
-def _fwd_impl(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    mu, logvar = mu.contiguous(), logvar.contiguous()
-    z = torch.empty_like(mu)
-    n = mu.numel()
+def _elementwise(kernel: Any, a: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor
+                 ) -> torch.Tensor:
+    """out = kernel(a, logvar) elementwise on contiguous copies, one 1-D grid; `a` (mu forward,
+    the upstream gradient backward) has logvar's shape and dtype, and so has out."""
+    a, logvar = a.contiguous(), logvar.contiguous()
+    out = torch.empty_like(a)
+    n = a.numel()
     if n > 0:
         p = _launch_params(n)
-        grid = (cdiv(n, p["BLOCK"]),)
-        launch(_reparameterize_fwd_kernel, grid, mu, logvar, z, seed, n,
-               IS_FP64=mu.dtype == torch.float64, **p)  # fmt: skip
-    return z
+        launch(kernel, (cdiv(n, p["BLOCK"]),), a, logvar, out, seed, n,
+               IS_FP64=a.dtype == torch.float64, **p)  # fmt: skip
+    return out
+
+
+def _fwd_impl(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    return _elementwise(_reparameterize_fwd_kernel, mu, logvar, seed)
 
 
 def _fwd_fake(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -93,15 +99,7 @@ def _fwd_fake(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> tor
 
 
 def _bwd_impl(g: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    g, logvar = g.contiguous(), logvar.contiguous()
-    dlogvar = torch.empty_like(logvar)
-    n = logvar.numel()
-    if n > 0:
-        p = _launch_params(n)
-        grid = (cdiv(n, p["BLOCK"]),)
-        launch(_reparameterize_bwd_kernel, grid, g, logvar, dlogvar, seed, n,
-               IS_FP64=logvar.dtype == torch.float64, **p)  # fmt: skip
-    return dlogvar
+    return _elementwise(_reparameterize_bwd_kernel, g, logvar, seed)
 
 
 def _bwd_fake(g: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
