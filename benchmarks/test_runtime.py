@@ -15,6 +15,7 @@ decoder, timed interleaved, ranged 21.2-23.6 us at batch 1 on this VM, a spread 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -66,17 +67,12 @@ def threads():
     torch.set_num_threads(before)
 
 
-_SAMPLERS: dict = {}
-
-
+@functools.cache
 def _onnx_sampler(run):
     """One Sampler (and so one ORT session) per exported decoder, shared by the ORT providers."""
     from engine.runtime import Sampler
 
-    key = (str(run), THREADS)
-    if key not in _SAMPLERS:
-        _SAMPLERS[key] = Sampler.load(run / "export" / "decoder.onnx", threads=THREADS)
-    return _SAMPLERS[key]
+    return Sampler.load(run / "export" / "decoder.onnx", threads=THREADS)
 
 
 def _callable(provider: str, run, z: torch.Tensor):

@@ -8,6 +8,7 @@ paths are covered by the same runs.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -49,12 +50,9 @@ def make_checkpoint(run_dir: Path, family: str, seed: int = 0) -> Path:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory):
     """family -> run dir (built on first use)."""
     root = tmp_path_factory.mktemp("runs")
-    cache: dict[str, Path] = {}
-
+    @functools.cache
     def get(family: str) -> Path:
-        if family not in cache:
-            cache[family] = make_checkpoint(root / family, family)
-        return cache[family]
+        return make_checkpoint(root / family, family)
 
     return get
 
@@ -64,14 +62,11 @@ def onnx_exported(checkpoints):
     """family -> export dir with decoder.onnx + encoder.onnx, written by `export.onnx.main`."""
     from export import onnx as onnx_export
 
-    cache: dict[str, Path] = {}
-
+    @functools.cache
     def get(family: str) -> Path:
-        if family not in cache:
-            run = checkpoints(family)
-            assert onnx_export.main([str(run)]) == 0
-            cache[family] = run / "export"
-        return cache[family]
+        run = checkpoints(family)
+        assert onnx_export.main([str(run)]) == 0
+        return run / "export"
 
     return get
 
@@ -81,13 +76,10 @@ def aoti_exported(onnx_exported):
     """family -> export dir that also holds decoder.pt2 (one compile per family)."""
     from export import aoti
 
-    cache: dict[str, Path] = {}
-
+    @functools.cache
     def get(family: str) -> Path:
-        if family not in cache:
-            out = onnx_exported(family)
-            assert aoti.main([str(out.parent), "--out", str(out)]) == 0
-            cache[family] = out
-        return cache[family]
+        out = onnx_exported(family)
+        assert aoti.main([str(out.parent), "--out", str(out)]) == 0
+        return out
 
     return get
