@@ -121,11 +121,14 @@ class Sampler:
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | None = None,
              device: str | None = None, compile: bool = False,
-             threads: int | None = None, cuda_graphs: bool = True) -> Sampler:
+             threads: int | None = None, cuda_graphs: bool = True,
+             cpu_rewrites: bool = True) -> Sampler:
         """Open an artifact (.onnx / .engine / .plan / .pt2), an export directory (its decoder,
         on the fastest installed backend) or a checkpoint/run directory (PyTorch eager, or
         torch.compile with compile=True). `threads` sizes ONNX Runtime's intra-op pool;
-        `cuda_graphs` lets ONNX Runtime's CUDA EP capture and replay CUDA graphs."""
+        `cuda_graphs` lets ONNX Runtime's CUDA EP capture and replay CUDA graphs;
+        `cpu_rewrites` lets its CPU backend run exact, faster forms of some convolutions
+        (engine.runtime_ort_cpu; `info.graph_rewrites` lists them)."""
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
@@ -133,7 +136,7 @@ class Sampler:
         if cls_ is EagerBackend:
             return cls(EagerBackend(artifact, device, compile or backend == "compile"), artifact)
         if cls_ is OnnxRuntimeBackend:
-            return cls(cls_(artifact, device, threads, cuda_graphs), artifact)
+            return cls(cls_(artifact, device, threads, cuda_graphs, cpu_rewrites), artifact)
         return cls(cls_(artifact, device), artifact)
 
     @property
@@ -146,7 +149,8 @@ class Sampler:
         b, s = self._backend, self.spec
         return RuntimeInfo(b.name, str(self.device), b.precision, b.batch_range[0],
                            b.batch_range[1], s.latent_kind, s.latent_shape, s.output_shape,
-                           s.conditional, s.num_classes, str(self.artifact), b.cuda_graphs)
+                           s.conditional, s.num_classes, str(self.artifact), b.cuda_graphs,
+                           b.graph_rewrites)
 
     # --- decode -------------------------------------------------------------------------------
     def decode(self, z: Tensor, labels: Tensor | None = None, **extra: Tensor

@@ -38,6 +38,7 @@ class Backend:
     precision: str = "fp32"
     batch_range: tuple[int, int | None] = (1, None)
     cuda_graphs: bool = False  # whether runs replay captured CUDA graphs
+    graph_rewrites: tuple[str, ...] = ()  # nodes rewritten for this backend at load
     run1_checks_finite: bool = False  # run1 refuses NaN/inf latents itself
 
     @classmethod
@@ -117,7 +118,7 @@ class OnnxRuntimeBackend(Backend):
     PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
     def __init__(self, path: Path, device: str | None = None, threads: int | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, cpu_rewrites: bool = True) -> None:
         ort = self.require()
         fix = "re-export it with python -m export.onnx CKPT"
         entry = _verify(path, fix)
@@ -125,7 +126,8 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         if threads:  # ONNX Runtime's own pool; torch's threads are a process-wide setting
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.session = self._session(ort, path, opts, self._providers(ort, device), cuda_graphs)
+        providers = self._providers(ort, device)
+        self.session = self._session(ort, path, opts, providers, cuda_graphs, cpu_rewrites)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.spec = ModelSpec.from_metadata(meta, str(path))
         self.precision = meta.get("precision", self.precision)
@@ -148,8 +150,11 @@ class OnnxRuntimeBackend(Backend):
             self.run = self._run_cpu_1 if len(self.input_names) == 1 else self._run_cpu
 
     def _session(self, ort: Any, path: Path, opts: Any, providers: list[Any],
-                 cuda_graphs: bool) -> Any:
-        """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first."""
+                 cuda_graphs: bool, cpu_rewrites: bool) -> Any:
+        """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first; on
+        the CPU with `cpu_rewrites`, run the graph rewritten for ONNX Runtime's CPU kernels
+        (engine.runtime_ort_cpu), and `graph_rewrites` lists what changed."""
+        from engine.runtime_ort_cpu import rewritten_bytes
         from engine.runtime_ort_cuda import supports_graph_ids
 
         fix = "re-export it with python -m export.onnx CKPT"
@@ -163,6 +168,15 @@ class OnnxRuntimeBackend(Backend):
                 return session
             except Exception:  # onnxruntime raises its own types; the plain load says why
                 pass
+        if cpu_rewrites and providers == ["CPUExecutionProvider"]:
+            model, rewrites = rewritten_bytes(str(path))
+            try:  # a rewritten graph this onnxruntime refuses runs as exported instead
+                session = model and ort.InferenceSession(model, opts, providers=providers)
+            except Exception:  # onnxruntime raises its own types
+                session = None
+            if session:
+                self.graph_rewrites = tuple(rewrites)
+                return session
         try:
             return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types

@@ -69,6 +69,7 @@ class RuntimeInfo:
     num_classes: int
     artifact: str
     cuda_graphs: bool = False  # runs replay captured CUDA graphs (ORT CUDA EP, compile on CUDA)
+    graph_rewrites: tuple[str, ...] = ()  # nodes the backend rewrote at load (ORT CPU)
 
 
 SMALL = 256  # arrays up to this size are summed in Python: the batch-1 hot path
