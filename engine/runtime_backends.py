@@ -150,7 +150,7 @@ class OnnxRuntimeBackend(Backend):
             self.run = self._run_cpu_1 if len(self.input_names) == 1 else self._run_cpu
 
     def _session(self, ort: Any, path: Path, opts: Any, providers: list[Any],
-                 cuda_graphs: bool, cpu_rewrites: bool) -> Any:
+                 cuda_graphs: bool, cpu_rewrites: bool = True) -> Any:
         """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first; on
         the CPU with `cpu_rewrites`, run the graph rewritten for ONNX Runtime's CPU kernels
         (engine.runtime_ort_cpu), and `graph_rewrites` lists what changed."""
