@@ -5,12 +5,19 @@ Runtime, and AOTInductor (Sampler over a .pt2), for the MLP and Conv decoders, b
 
 Groups: <subject>-<mode>-<dtype>, e.g. `mlp_decoder-b1-fp32`; the provider is the parameter.
 Each timed call decodes one pre-drawn latent batch on the CPU (these benchmarks are CPU-only;
-benchmarks/gpu_runtime.py times the GPU). `onnxruntime-bare` is the public
-`InferenceSession.run` on a numpy array, the floor the Sampler is measured against (acceptance:
-Sampler within 1.2x of it at batch 1, and >= 3x faster than eager at batch 1). Both call the
-*same* session (the Sampler's, built with the same thread count): eight sessions of the MLP
-decoder, timed interleaved, ranged 21.2-23.6 us at batch 1 on this VM, a spread as large as the
-2-3 us the Sampler adds. extra_info carries images/s, device, versions, commit.
+benchmarks/gpu_runtime.py times the GPU). Providers:
+  eager                PyTorch, the exported decoder module under inference_mode.
+  onnxruntime-file     a plain InferenceSession on decoder.onnx as exported, public `run`:
+                       what a user gets from ONNX Runtime without this runtime.
+  onnxruntime-bare     public `InferenceSession.run` on the Sampler's *own* session (the graph
+                       rewritten for the CPU, engine.runtime_ort_cpu): the floor the Sampler's
+                       overhead is measured against (acceptance: Sampler within 1.2x of it at
+                       batch 1). Same session, because separate sessions of one model differ by
+                       as much as the overhead: eight MLP sessions, timed interleaved, ranged
+                       21.2-23.6 us at batch 1 on this VM.
+  sampler-onnxruntime  Sampler.decode over ONNX Runtime (acceptance: >= 3x eager at batch 1).
+  aoti                 Sampler.decode over an AOTInductor .pt2 (slow to compile: marked slow).
+All get the same thread count. extra_info carries images/s, device, versions, commit.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 THREADS = int(os.environ.get("VAE_BENCH_THREADS", "1"))
 
 SUBJECTS = {"mlp_decoder": ("mlp", "mlp-mnist"), "conv_decoder": ("conv", "conv-mnist")}
-PROVIDERS = ["eager", "onnxruntime-bare", "sampler-onnxruntime",
+PROVIDERS = ["eager", "onnxruntime-file", "onnxruntime-bare", "sampler-onnxruntime",
              pytest.param("aoti", marks=pytest.mark.slow)]
 
 
@@ -88,6 +95,15 @@ def _callable(provider: str, run, z: torch.Tensor):
                 return view(z)
 
         return eager
+    if provider == "onnxruntime-file":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
+        session = ort.InferenceSession(str(run / "export" / "decoder.onnx"), opts,
+                                       providers=["CPUExecutionProvider"])
+        feed = {"z": z.numpy()}
+        return lambda: session.run(None, feed)
     if provider == "onnxruntime-bare":
         session = _onnx_sampler(run).backend.session  # a plain ort.InferenceSession
         assert session.get_providers() == ["CPUExecutionProvider"]
