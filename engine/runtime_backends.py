@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -172,7 +173,9 @@ class OnnxRuntimeBackend(Backend):
             model, rewrites = rewritten_bytes(str(path))
             try:  # a rewritten graph this onnxruntime refuses runs as exported instead
                 session = model and ort.InferenceSession(model, opts, providers=providers)
-            except Exception:  # onnxruntime raises its own types
+            except Exception as e:  # onnxruntime raises its own types
+                warnings.warn(f"{path}: ONNX Runtime refused the CPU-rewritten graph, running it"
+                              f" as exported: {str(e).splitlines()[0][:200]}", stacklevel=2)
                 session = None
             if session:
                 self.graph_rewrites = tuple(rewrites)

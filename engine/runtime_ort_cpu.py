@@ -57,7 +57,9 @@ def rewrite_for_cpu(model: Any) -> tuple[Any, list[str]]:
     import onnx
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    # Constant weights only: an initializer also listed as a graph input can be overridden.
+    overridable = {i.name for i in graph.input}
+    inits = {t.name: t for t in graph.initializer if t.name not in overridable}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     shapes = _static_shapes(onnx.shape_inference.infer_shapes(model))
     nodes, done = [], []
@@ -134,9 +136,12 @@ def _plain(a: dict[str, Any]) -> bool:
 
 
 def _add_init(graph: Any, array: np.ndarray, name: str) -> str:
+    """Add `array` as initializer `name`, once: names derive from the source tensor, so a
+    weight shared by two rewritten nodes gives the same array twice."""
     from onnx import numpy_helper
 
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    if all(t.name != name for t in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
     return name
 
 
@@ -158,7 +163,7 @@ def _narrow_conv(node: Any, inits: dict[str, Any], graph: Any) -> list[Any] | No
     # Wt[c, o, t'] = W[o, c, k-1-t']: swap the channel axes, flip the kernel.
     wt = _add_init(graph, w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), f"{node.input[1]}/adjoint")
     return [helper.make_node("ConvTranspose", [node.input[0], wt, *node.input[2:]],
-                             list(node.output), name=f"{node.name}/adjoint",
+                             list(node.output), name=f"{node.name or node.output[0]}/adjoint",
                              kernel_shape=[kh, kw], strides=[1, 1],
                              pads=[t - 1 - p for p, t in zip(pads, k)])]
 

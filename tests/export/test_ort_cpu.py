@@ -145,13 +145,33 @@ def test_fp16_weights_are_untouched():
     assert rewrite_for_cpu(model)[1] == []
 
 
-def test_initializer_that_is_also_an_input_is_kept():
-    """Old IR graphs list weights as inputs too (overridable): the rewrite must not drop them."""
+def test_overridable_weight_is_untouched():
+    """Old IR graphs list weights as graph inputs too: a caller may feed another weight, so the
+    node must keep reading it (a rewritten constant copy would silently ignore the feed)."""
     w = torch.randn(1, 32, 3, 3)
     model = one_node_model("Conv", (32, 8, 8), w, None, kernel_shape=[3, 3], pads=[1] * 4)
     model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [1, 32, 3, 3]))
     model, done = rewrite_for_cpu(model)
-    assert done and "W" in {t.name for t in model.graph.initializer}
+    assert done == [] and op_types(model) == ["Conv"]
+    assert "W" in {t.name for t in model.graph.initializer}
+
+
+def test_weight_shared_by_two_convs_is_rewritten_once():
+    c_in, size = 24, (6, 5)
+    w, b = torch.randn(2, c_in, 3, 3) / 15, torch.randn(2)
+    model = one_node_model("Conv", (c_in, *size), w, b, kernel_shape=[3, 3], pads=[1] * 4)
+    second = helper.make_node("Conv", ["x", "W", "b"], ["y2"], kernel_shape=[3, 3], pads=[1] * 4)
+    model.graph.node.append(second)  # unnamed, reads the same weight
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    model, done = rewrite_for_cpu(model)
+    assert op_types(model) == ["ConvTranspose", "ConvTranspose"] and len(done) == 2
+    assert sorted(t.name for t in model.graph.initializer) == ["W/adjoint", "b"]
+    x = torch.randn(2, c_in, *size)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y1, y2 = session.run(None, {"x": x.numpy()})
+    expected = conv_reference(x, w, b, (1, 1, 1, 1))
+    torch.testing.assert_close(torch.from_numpy(y1), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(y2), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rewritten_bytes_of_a_corrupt_file_defers_to_onnxruntime(tmp_path):
@@ -178,6 +198,20 @@ def test_sampler_runs_the_rewritten_conv_decoder(onnx_exported):
             eager = model.decode(z)
         torch.testing.assert_close(fast.decode(z), plain.decode(z), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast.decode(z), eager, rtol=1e-4, atol=1e-5)
+
+
+def test_refused_rewrite_runs_the_file_as_exported(onnx_exported, monkeypatch):
+    """If ONNX Runtime refuses the rewritten graph, the Sampler warns and loads the file."""
+    import engine.runtime_ort_cpu as cpu
+
+    path = onnx_exported("conv") / "decoder.onnx"
+    monkeypatch.setattr(cpu, "rewritten_bytes", lambda p: (b"not a model", ["fake"]))
+    with pytest.warns(UserWarning, match="refused the CPU-rewritten graph"):
+        sampler = Sampler.load(path, device="cpu")
+    assert sampler.info.graph_rewrites == ()
+    z = torch.randn(2, *sampler.spec.latent_shape)
+    plain = Sampler.load(path, device="cpu", cpu_rewrites=False)
+    torch.testing.assert_close(sampler.decode(z), plain.decode(z), rtol=0, atol=0)
 
 
 def test_mlp_decoder_has_nothing_to_rewrite(onnx_exported):
