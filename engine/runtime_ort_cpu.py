@@ -57,6 +57,8 @@ def rewrite_for_cpu(model: Any) -> tuple[Any, list[str]]:
     import onnx
 
     graph = model.graph
+    if not any(n.op_type in ("Conv", "ConvTranspose") for n in graph.node):
+        return model, []  # nothing to rewrite: skip shape inference (it runs at every load)
     # Constant weights only: an initializer also listed as a graph input can be overridden.
     overridable = {i.name for i in graph.input}
     inits = {t.name: t for t in graph.initializer if t.name not in overridable}
