@@ -10,7 +10,7 @@ benchmarks/gpu_runtime.py times the GPU). Providers:
   onnxruntime-file     a plain InferenceSession on decoder.onnx as exported, public `run`:
                        what a user gets from ONNX Runtime without this runtime.
   onnxruntime-bare     public `InferenceSession.run` on the Sampler's *own* session (the graph
-                       rewritten for the CPU, engine.runtime_ort_cpu): the floor the Sampler's
+                       rewritten for the CPU, engine.runtime.ort_cpu): the floor the Sampler's
                        overhead is measured against (acceptance: Sampler within 1.2x of it at
                        batch 1). Same session, because separate sessions of one model differ by
                        as much as the overhead: eight MLP sessions, timed interleaved, ranged

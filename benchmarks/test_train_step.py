@@ -14,7 +14,7 @@ import torch
 from benchmarks.conftest import synchronized
 from engine.losses import KLWeight, Objective
 from engine.models import build_model
-from engine.trainer import LossModule, lr_lambda, make_step
+from engine.training.trainer import LossModule, lr_lambda, make_step
 
 CASES = {  # subject -> (family, overrides, batch size)
     "mlp": ("mlp", {}, 128),

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
-from engine.models.base import DiagonalGaussian, standard_normal_log_prob
+from engine.distributions import DiagonalGaussian, standard_normal_log_prob
 
 RECON_LOSSES = ("bce", "mse")
 OBJECTIVES = ("elbo", "tcvae", "iwae")

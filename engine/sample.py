@@ -5,8 +5,8 @@
     python -m engine.sample runs/mnist --backend eager --device cpu --batch-size 16
     python -m engine.sample runs/cvae/export --labels 3 --out threes.png      # conditional
 
-Latent-space subcommands (engine.latent); each writes a PNG and, with --save-tensors, the raw
-tensors (the decoded images, plus labels for reconstruct) to a .safetensors file beside it:
+Latent-space subcommands (engine.analysis.latent); each writes a PNG and, with --save-tensors,
+the raw tensors (the decoded images, plus labels for reconstruct) to a .safetensors file beside it:
 
     python -m engine.sample grid runs/fmnist2d --dims 0 1 --range -3 3 --n 20 --out grid.png
     python -m engine.sample traverse runs/mlp --index 0 --k 3 --steps 9 --out trav.png
@@ -28,12 +28,26 @@ export directory (manifest.json) or a checkpoint / run directory. Subcommands li
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
+from engine.analysis.latent import (
+    INTERPOLATIONS,
+    check_dims,
+    conditional_images,
+    grid_images,
+    interpolate_images,
+    label_tensor,
+    load_latent_model,
+    reconstruct_images,
+    require_gaussian_latent,
+    split_images,
+    traverse_images,
+)
+from engine.analysis.outputs import parse_labels, save_grid, save_tensors
+from engine.checkpoint import CheckpointError
+from engine.data import DatasetError
+from engine.runtime import Sampler, SamplerError
 
 DEFAULT_COMMAND = "random"
 
@@ -49,38 +63,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def load_sampler(args: argparse.Namespace):
-    from engine.runtime import Sampler
-
+def load_sampler(args: argparse.Namespace) -> Sampler:
     return Sampler.load(args.artifact, backend=args.backend, device=args.device,
                         compile=args.compile)
-
-
-def parse_labels(text: str | None, n: int) -> torch.Tensor | int | None:
-    """'3' -> 3 (all samples); '0,1,2' -> cycled over the n samples."""
-    if text is None:
-        return None
-    values = [int(v) for v in text.split(",") if v.strip()]
-    if len(values) == 1:
-        return values[0]
-    return torch.tensor(values, dtype=torch.int64).repeat(n // len(values) + 1)[:n]
-
-
-def save_grid(images: torch.Tensor, out: str | os.PathLike, nrow: int) -> Path:
-    """save_image to a temp file beside `out` (same suffix, so the format is kept), then rename."""
-    from torchvision.utils import save_image
-
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError("the decoder's outputs are not images (B, C, H, W); use the runtime API")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
-    try:
-        save_image(images.detach().float().cpu().clamp(0, 1), tmp, nrow=nrow)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
 
 
 # --- subcommands ---------------------------------------------------------------------------------
@@ -104,20 +89,6 @@ def _random(args: argparse.Namespace) -> int:
     info = sampler.info
     print(f"wrote {args.n} samples to {path} ({info.backend}, {info.device}, {info.precision})")
     return 0
-
-
-def save_tensors(png: Path, **tensors: torch.Tensor | None) -> Path:
-    """The raw tensors behind a grid, as OUT.safetensors beside OUT.png (atomic)."""
-    from safetensors.torch import save_file
-
-    path = png.with_suffix(".safetensors")
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None},
-              str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
 
 
 def _latent_common(p: argparse.ArgumentParser, out: str) -> None:
@@ -169,47 +140,14 @@ def _conditional_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=10, help="samples per class (row)")
 
 
-def load_latent_model(args: argparse.Namespace):
-    """(model, training config): the PyTorch model of a checkpoint/run directory, or an exported
-    artifact behind engine.runtime.Sampler (engine.latent.RuntimeModel)."""
-    from engine import checkpoint as ckpt
-    from engine.latent import RuntimeModel
-
-    path = Path(args.artifact)
-    if not path.exists():
-        raise ValueError(f"no artifact at {path}: expected a checkpoint/run directory, an export"
-                         " directory or an .onnx/.pt2/.engine file")
-    if path.is_dir() and not (path / "manifest.json").exists():
-        model, c = ckpt.load_model(path, device=args.device or "cpu")
-        return model, c.config.get("train", {})
-    return RuntimeModel(load_sampler(args)), {}
+def _latent_model(args: argparse.Namespace):
+    return load_latent_model(args.artifact, backend=args.backend, device=args.device,
+                             compile=args.compile)
 
 
 def _test_images(model, cfg: dict, args: argparse.Namespace, idx: list[int]):
-    from engine.evaluate import split_loader
-
-    cfg = {**cfg, "dataset": args.dataset or cfg.get("dataset", "mnist")}
-    cfg.setdefault("pad_to_32", tuple(getattr(model, "data_shape", (0,)))[-1:] == (32,))
-    loader = split_loader(cfg, args.split, args.data_dir)
-    n = loader.images.shape[0]
-    if any(not 0 <= i < n for i in idx):
-        raise ValueError(f"image indices {idx} out of range: the {args.split} split has {n}"
-                         f" images (0..{n - 1})")
-    i = torch.tensor(idx)
-    return loader._prepare(loader.images[i]), loader.labels[i]
-
-
-def _label(model, args: argparse.Namespace, y=None) -> torch.Tensor | None:
-    if not getattr(model, "conditional", False):
-        if args.label is not None:
-            raise ValueError("--label given, but this model is unconditional")
-        return None
-    from engine.latent import _num_classes
-
-    label = args.label if args.label is not None else (int(y[0]) if y is not None else 0)
-    if not 0 <= label < _num_classes(model):
-        raise ValueError(f"--label must be in [0, {_num_classes(model)}), got {label}")
-    return torch.tensor([label])
+    return split_images(model, cfg, idx, split=args.split, dataset=args.dataset,
+                       data_dir=args.data_dir)
 
 
 def _finish(args: argparse.Namespace, images, nrow: int, **tensors) -> int:
@@ -221,51 +159,43 @@ def _finish(args: argparse.Namespace, images, nrow: int, **tensors) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from engine.latent import grid_images
-
-    model, _ = load_latent_model(args)
+    model, _ = _latent_model(args)
     lo, hi = args.range
-    images = grid_images(model, args.dims, args.n, lo, hi, _label(model, args))
+    images = grid_images(model, args.dims, args.n, lo, hi, label_tensor(model, args.label))
     return _finish(args, images, args.n)
 
 
 def _traverse(args: argparse.Namespace) -> int:
-    from engine.latent import _check_dims, require_gaussian_latent, traverse_images
-
     if args.steps < 2 or args.k <= 0:
         raise ValueError(f"traverse needs --steps >= 2 and --k > 0, got {args.steps}, {args.k}")
-    model, cfg = load_latent_model(args)
+    model, cfg = _latent_model(args)
     latent_dim = require_gaussian_latent(model, "traverse")
     if args.dims is not None:
-        _check_dims(args.dims, latent_dim, "--dims")
+        check_dims(args.dims, latent_dim, "--dims")
     x, y = _test_images(model, cfg, args, [args.index])
     dims = args.dims if args.dims is not None else list(range(latent_dim))
-    images = traverse_images(model, x, _label(model, args, y), dims, args.k, args.steps)
+    images = traverse_images(model, x, label_tensor(model, args.label, y), dims, args.k, args.steps)
     return _finish(args, images, args.steps)
 
 
 def _interpolate(args: argparse.Namespace) -> int:
-    from engine.latent import INTERPOLATIONS, interpolate_images, require_gaussian_latent
-
     if args.method not in INTERPOLATIONS:
         raise ValueError(f"--method must be one of {', '.join(INTERPOLATIONS)},"
                          f" got {args.method!r}")
     if args.steps < 2:
         raise ValueError(f"--steps must be >= 2 (the two endpoints), got {args.steps}")
-    model, cfg = load_latent_model(args)
+    model, cfg = _latent_model(args)
     require_gaussian_latent(model, "interpolate")
     x, y = _test_images(model, cfg, args, list(args.indices))
     images = interpolate_images(model, x[:1], x[1:], args.steps, args.method,
-                                _label(model, args, y))
+                                label_tensor(model, args.label, y))
     return _finish(args, images, args.steps)
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from engine.latent import reconstruct_images
-
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    model, cfg = load_latent_model(args)
+    model, cfg = _latent_model(args)
     x, y = _test_images(model, cfg, args, list(range(args.index, args.index + args.n)))
     if args.label is not None:
         raise ValueError("reconstruct uses each test image's own label; drop --label")
@@ -273,11 +203,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _conditional(args: argparse.Namespace) -> int:
-    from engine.latent import conditional_images
-
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    model, _ = load_latent_model(args)
+    model, _ = _latent_model(args)
     images = conditional_images(model, args.per_class, args.seed or 0)
     return _finish(args, images, args.per_class)
 
@@ -311,10 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
-    from engine.checkpoint import CheckpointError
-    from engine.data import DatasetError
-    from engine.runtime import SamplerError
-
     try:
         return COMMANDS[args.command][1](args)
     except (SamplerError, CheckpointError, DatasetError, ValueError, TypeError) as e:

@@ -18,13 +18,12 @@ import sys
 import kernels
 from engine import checkpoint as ckpt
 from engine.data import DatasetError
-from engine.losses import SCHEDULES, BetaSchedule, Objective
-from engine.models.registry import FAMILIES, _ensure_registered
-from engine.trainer import Trainer, TrainingDiverged, build_run
+from engine.losses import SCHEDULES
+from engine.models.registry import FAMILIES
+from engine.training import Trainer, TrainingDiverged, build_run
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _ensure_registered()
     p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -80,23 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def objective_from_args(args: argparse.Namespace, dataset_size: int) -> Objective:
-    return Objective(recon=args.loss, kind=args.objective, tc_alpha=args.tc_alpha,
-                     tc_gamma=args.tc_gamma, dataset_size=dataset_size,
-                     iw_samples=args.iw_samples, capacity=args.beta_schedule == "capacity")
-
-
-def schedule_from_args(args: argparse.Namespace) -> BetaSchedule:
-    return BetaSchedule(kind=args.beta_schedule, beta_start=args.beta_start, beta_end=args.beta,
-                        beta_steps=args.beta_steps, cycles=args.beta_cycles,
-                        ratio=args.beta_ratio, capacity_max=args.capacity_max)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         kernels.set_backend(args.kernels)
-        run = build_run(args, objective_from_args, schedule_from_args)
+        run = build_run(args)
         Trainer(run).fit()
     except (DatasetError, ckpt.CheckpointError, TrainingDiverged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

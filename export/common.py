@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from engine.checkpoint import CheckpointError, load_model
+from export import manifest
 
 PARITY_BATCHES = (1, 7, 256)
 
@@ -64,8 +68,6 @@ def on_device(part: Any, device: str) -> Any:
 
 def part_specs(part: Any) -> tuple[list[dict], list[dict]]:
     """(input specs, output specs) of an ExportPart, outputs from one eager run."""
-    from export import manifest
-
     with torch.no_grad():
         outputs = as_tuple(part.module(*part.example_inputs))
     return (manifest.tensor_specs(part.input_names, part.example_inputs, part.dynamic_axes),
@@ -74,8 +76,6 @@ def part_specs(part: Any) -> tuple[list[dict], list[dict]]:
 
 def model_description(source: Source, parts: dict[str, Any]) -> dict[str, Any]:
     """The manifest's model section, from the decoder part (every family exports one)."""
-    from export import manifest
-
     if "decoder" not in parts:
         raise ExportError(f"{source.config.get('family')}: export_parts() has no 'decoder' part;"
                           f" got {sorted(parts)}")
@@ -83,8 +83,6 @@ def model_description(source: Source, parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_source(path: str | os.PathLike, device: str = "cpu") -> Source:
-    from engine.checkpoint import load_model
-
     model, ckpt = load_model(path, device=device)
     if not hasattr(model, "export_parts"):
         raise ExportError(f"{type(model).__name__} has no export_parts(); it cannot be exported")
@@ -230,10 +228,6 @@ def run_export_cli(export: Callable[[tuple[int, ...]], dict[str, Path]],
                    parity_batches: str) -> int:
     """The exporters' shared command-line tail: parse the parity batches, export, print what
     was written; a bad checkpoint, part or parity failure is one `error:` line and exit 1."""
-    import sys
-
-    from engine.checkpoint import CheckpointError
-    from export import manifest
 
     try:
         batches = tuple(int(b) for b in parity_batches.split(","))

@@ -34,6 +34,9 @@ from typing import Any
 import torch
 
 from engine.checkpoint import atomic_write_bytes, atomic_write_json, sha256
+from export import manifest
+from export.common import PARITY_BATCHES, check_parity
+from export.onnx import ort_runner
 
 SIDECAR_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -259,10 +262,6 @@ def _check_and_record(engine: Path, onnx_path: Path, precision: str) -> dict[str
     """Parity of the engine against ONNX Runtime (CPU) on the same ONNX file, at the usual
     batch sizes clipped to the engine's range; recorded in the sidecar and, when the ONNX file
     is listed in a manifest beside it, in that manifest."""
-    from export import manifest
-    from export.common import PARITY_BATCHES, check_parity
-    from export.onnx import ort_runner
-
     runner = TensorRTRunner(engine)
     lo, hi = runner.batch_range
     batches = sorted({min(max(b, lo), hi) for b in PARITY_BATCHES})

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint import atomic_write_json, load_model
 from engine.crystal.metrics import MATCHER_KW, match_structures, summarize
 from engine.crystal.structures import (
     batch_to_structures,
@@ -28,6 +29,7 @@ from engine.crystal.structures import (
     make_structure,
     write_cifs,
 )
+from engine.data.crystals import build_crystal_data
 
 
 @torch.no_grad()
@@ -102,9 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.checkpoint import atomic_write_json, load_model
-    from engine.data_crystal import build_crystal_data
-
     args = build_parser().parse_args(argv)
     model, ckpt = load_model(args.checkpoint, ema=args.ema)
     if getattr(model, "family", "") != "crystal":

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.crystal.structures import is_valid, make_structure
+
 MATCHER_KW = {"stol": 0.5, "angle_tol": 10, "ltol": 0.3}
 
 # A pair is sent to the workers as plain arrays: (Z, frac, lengths, angles) or None.
@@ -43,7 +45,6 @@ def match_pair(args: tuple[Arrays | None, Arrays, float]) -> MatchResult:
     """Match one (prediction, ground truth) pair; runs in a worker."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
-    from engine.crystal.structures import is_valid, make_structure
 
     pred_arr, gt_arr, timeout = args
     pred = make_structure(*pred_arr) if pred_arr is not None else None

@@ -4,7 +4,9 @@
     model = build_model("conv", preset="conv-fmnist-2d")
 """
 
-from engine.models.base import BaseVAE, DiagonalGaussian, ExportPart, ModelOutput
+from engine.distributions import DiagonalGaussian
+from engine.models.base import BaseVAE, Family, ModelOutput
+from engine.models.export_wrappers import ExportPart
 from engine.models.registry import (
     FAMILIES,
     PRESETS,
@@ -17,7 +19,7 @@ from engine.models.registry import (
 )
 
 __all__ = [
-    "BaseVAE", "DiagonalGaussian", "ExportPart", "ModelOutput", "FAMILIES", "PRESETS",
+    "BaseVAE", "DiagonalGaussian", "ExportPart", "Family", "ModelOutput", "FAMILIES", "PRESETS",
     "build_model", "config_from_dict", "config_to_dict", "get_family", "make_config",
     "model_from_config",
 ]

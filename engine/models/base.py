@@ -9,55 +9,22 @@ The trainer, the evaluator, export and the runtime depend on this surface only:
     training_loss(batch, objective, weight) -> (loss, parts) parts: dict[str, Tensor] for logging
     export_parts()         -> dict[str, ExportPart]          graphs that export writes
     config                 -> frozen dataclass that rebuilds the model (see registry.py)
+
+A family module describes itself with a `Family` (config class, model class, presets), and
+`engine.models.registry` lists the families in one explicit table.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-import kernels
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-@dataclass
-class DiagonalGaussian:
-    """q(z|x) = N(mean, diag(exp(logvar))); `mean` and `logvar` have shape (B, *latent_shape)."""
-
-    mean: Tensor
-    logvar: Tensor
-
-    def sample(self, seed: int | None = None) -> Tensor:
-        """z = mean + exp(0.5 logvar) * eps, through the fused kernel where dispatch allows."""
-        return kernels.reparameterize(self.mean, self.logvar, seed=seed)
-
-    def sample_with_kl(self, seed: int | None = None) -> tuple[Tensor, Tensor]:
-        """(z, KL(q || N(0, I)) per row) in one pass over mean and logvar."""
-        z, kl = kernels.reparameterize_kl(self.mean.flatten(1), self.logvar.flatten(1), seed=seed)
-        return z.view_as(self.mean), kl
-
-    def kl(self) -> Tensor:
-        """KL(q || N(0, I)) summed over latent dims: shape (B,)."""
-        return kernels.kl_divergence(self.mean.flatten(1), self.logvar.flatten(1))
-
-    def mode(self) -> Tensor:
-        return self.mean
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        """log q(z|x) summed over latent dims; z: (..., B, *latent), leading dims broadcast."""
-        var = self.logvar.exp()
-        elem = -0.5 * (LOG_2PI + self.logvar + (z - self.mean).pow(2) / var)
-        return elem.flatten(-len(self.mean.shape[1:])).sum(-1)
-
-
-def standard_normal_log_prob(z: Tensor, latent_ndim: int) -> Tensor:
-    """log N(z; 0, I) summed over the trailing `latent_ndim` dims."""
-    return (-0.5 * (LOG_2PI + z.pow(2))).flatten(-latent_ndim).sum(-1)
+from engine import losses
+from engine.distributions import DiagonalGaussian
+from engine.models.export_wrappers import ExportPart, image_vae_parts
 
 
 @dataclass
@@ -79,16 +46,18 @@ class ModelOutput:
 
 
 @dataclass(frozen=True)
-class ExportPart:
-    """One graph to export: a module, example inputs, and their names and dynamic axes."""
+class Family:
+    """A model family: its frozen config class, its model class and its named presets
+    (preset name -> config overrides; the first one is the family's default)."""
 
-    module: nn.Module
-    example_inputs: tuple[Tensor, ...]
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    # input name -> {axis index: axis name}; the batch axis is always dynamic.
-    dynamic_axes: dict[str, dict[int, str]]
-    description: str = ""
+    name: str
+    config_cls: type
+    model_cls: type[nn.Module]
+    presets: dict[str, dict[str, Any]]
+
+    @property
+    def default_preset(self) -> str:
+        return next(iter(self.presets))
 
 
 class BaseVAE(nn.Module):
@@ -189,14 +158,10 @@ class BaseVAE(nn.Module):
 
     def training_loss(self, batch: Any, objective: Any, weight: Any) -> tuple[Tensor, dict]:
         """(loss, parts) for one batch (x, y); `weight` is the scheduled KLWeight."""
-        from engine import losses
-
         x, y = batch
         return losses.vae_objective(self, x, y if self.conditional else None, objective, weight)
 
     def export_parts(self) -> dict[str, ExportPart]:
-        from engine.models.export_wrappers import image_vae_parts
-
         return image_vae_parts(self)
 
     def _encode_params(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:

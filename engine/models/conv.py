@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engine.models.base import BaseVAE
+from engine.models.base import BaseVAE, Family
 from engine.models.blocks import conv_spatial_sizes, down_block, one_hot, require_classes, up_block
-from engine.models.registry import register_family
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class CVAEConvConfig(ConvVAEConfig):
         require_classes(self.num_classes)
 
 
-register_family(
+CONV_FAMILY = Family(
     "conv",
     ConvVAEConfig,
     ConvVAE,
@@ -108,4 +107,4 @@ register_family(
         "conv-celeba64": {"in_channels": 3, "image_size": 64, "latent_dim": 128},
     },
 )
-register_family("cvae-conv", CVAEConvConfig, ConvVAE, presets={"cvae-conv-mnist": {}})
+CVAE_CONV_FAMILY = Family("cvae-conv", CVAEConvConfig, ConvVAE, presets={"cvae-conv-mnist": {}})

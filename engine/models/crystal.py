@@ -39,8 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from engine.models.base import DiagonalGaussian, ExportPart, ModelOutput
-from engine.models.registry import register_family
+from engine.crystal.structures import batch_to_structures, write_cifs
+from engine.data.crystals import CrystalBatch
+from engine.distributions import DiagonalGaussian
+from engine.models.base import Family, ModelOutput
+from engine.models.export_wrappers import ExportPart
 
 TWO_PI = 2 * math.pi
 
@@ -302,8 +305,6 @@ class CrystalVAE(nn.Module):
         return loss, out
 
     def heads_to_batch(self, heads: CrystalHeads, mask: Tensor):
-        from engine.data_crystal import CrystalBatch
-
         types = heads.atom_logits.argmax(-1) + 1
         return CrystalBatch.from_dense(types, heads.frac_coords, heads.lengths, heads.angles, mask)
 
@@ -328,8 +329,6 @@ class CrystalVAE(nn.Module):
     def epoch_artifacts(self, batch, out_dir, epoch: int, count: int = 4) -> None:
         """Write `count` inputs and their reconstructions as CIFs under out_dir/recon/epoch_NNN/
         and `count` prior samples under out_dir/samples/epoch_NNN/ (seed = epoch)."""
-        from engine.crystal.structures import batch_to_structures, write_cifs
-
         was_training = self.training
         self.eval()
         try:
@@ -344,8 +343,6 @@ class CrystalVAE(nn.Module):
 
 
 def _take(batch, count: int):
-    from engine.data_crystal import CrystalBatch
-
     k = min(count, batch.num_crystals)
     return CrystalBatch.from_dense(batch.dense_types[:k], batch.dense_frac[:k],
                                    batch.lengths[:k], batch.angles[:k], batch.mask[:k])
@@ -400,7 +397,7 @@ def crystal_export_parts(model: CrystalVAE, batch: int = 2) -> dict[str, ExportP
     }
 
 
-register_family(
+CRYSTAL_FAMILY = Family(
     "crystal",
     CrystalVAEConfig,
     CrystalVAE,

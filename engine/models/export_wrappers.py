@@ -7,11 +7,24 @@ TensorRT ignores RandomNormal's seed. Labels of conditional models are int64 inp
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from engine.models.base import ExportPart
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One graph to export: a module, example inputs, and their names and dynamic axes."""
+
+    module: nn.Module
+    example_inputs: tuple[Tensor, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    # input name -> {axis index: axis name}; the batch axis is always dynamic.
+    dynamic_axes: dict[str, dict[int, str]]
+    description: str = ""
+
 
 BATCH = {0: "batch"}
 

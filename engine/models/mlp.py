@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from engine.models.base import BaseVAE
+from engine.models.base import BaseVAE, Family
 from engine.models.blocks import mlp, one_hot, require_classes
-from engine.models.registry import register_family
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class MLPVAE(BaseVAE):
         return self.to_logits(h).view(z.shape[0], *self.data_shape)
 
 
-register_family(
+MLP_FAMILY = Family(
     "mlp",
     MLPVAEConfig,
     MLPVAE,
@@ -94,4 +93,4 @@ class CVAEMLPConfig(MLPVAEConfig):
         require_classes(self.num_classes)
 
 
-register_family("cvae-mlp", CVAEMLPConfig, MLPVAE, presets={"cvae-mlp-mnist": {}})
+CVAE_MLP_FAMILY = Family("cvae-mlp", CVAEMLPConfig, MLPVAE, presets={"cvae-mlp-mnist": {}})

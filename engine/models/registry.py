@@ -9,49 +9,49 @@ Lookups are exact; an unknown name raises a ValueError that lists the valid name
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    config_cls: type
-    model_cls: type[nn.Module]
-    default_preset: str
+from engine.models import conv, crystal, mlp, vq
+from engine.models.base import Family
 
 
-FAMILIES: dict[str, Family] = {}
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {}  # preset name -> (family, config overrides)
+def _table(*families: Family) -> dict[str, Family]:
+    table: dict[str, Family] = {}
+    for family in families:
+        if family.name in table:
+            raise ValueError(f"model family {family.name!r} is listed twice")
+        table[family.name] = family
+    return table
 
 
-def register_family(
-    name: str, config_cls: type, model_cls: type[nn.Module], presets: dict[str, dict[str, Any]]
-) -> None:
-    """Register a family and its presets; the first preset is the family's default."""
-    if name in FAMILIES:
-        raise ValueError(f"model family {name!r} is registered twice")
-    FAMILIES[name] = Family(name, config_cls, model_cls, default_preset=next(iter(presets)))
-    for preset, overrides in presets.items():
-        if preset in PRESETS:
-            raise ValueError(f"preset {preset!r} is registered twice")
-        PRESETS[preset] = (name, overrides)
+# The one list of families. A new family module defines its `Family` and is added here.
+FAMILIES: dict[str, Family] = _table(
+    mlp.MLP_FAMILY,
+    mlp.CVAE_MLP_FAMILY,
+    conv.CONV_FAMILY,
+    conv.CVAE_CONV_FAMILY,
+    vq.VQVAE_FAMILY,
+    crystal.CRYSTAL_FAMILY,
+)
 
 
-def _ensure_registered() -> None:
-    # Importing the family modules registers them (kept lazy so `registry` has no cycles).
-    from engine.models import conv, mlp, vq  # noqa: F401
+def _presets(families: dict[str, Family]) -> dict[str, tuple[str, dict[str, Any]]]:
+    presets: dict[str, tuple[str, dict[str, Any]]] = {}
+    for family in families.values():
+        for preset, overrides in family.presets.items():
+            if preset in presets:
+                raise ValueError(f"preset {preset!r} is defined by two families")
+            presets[preset] = (family.name, overrides)
+    return presets
 
-    with contextlib.suppress(ImportError):  # the crystal family needs no extra at import
-        from engine.models import crystal  # noqa: F401
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = _presets(FAMILIES)  # preset -> (family, overrides)
 
 
 def get_family(name: str) -> Family:
-    _ensure_registered()
     if name not in FAMILIES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
@@ -59,12 +59,10 @@ def get_family(name: str) -> Family:
 
 def list_presets() -> dict[str, str]:
     """Every preset name -> its family."""
-    _ensure_registered()
     return {name: family for name, (family, _) in PRESETS.items()}
 
 
 def presets_for(family: str) -> list[str]:
-    _ensure_registered()
     return [p for p, (f, _) in PRESETS.items() if f == family]
 
 

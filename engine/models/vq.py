@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from engine.models.base import BaseVAE, ModelOutput
+from engine import losses
+from engine.models.base import BaseVAE, Family, ModelOutput
 from engine.models.blocks import ResidualBlock
-from engine.models.registry import register_family
+from engine.models.export_wrappers import vq_parts
 
 
 @dataclass(frozen=True)
@@ -230,18 +231,14 @@ class VQVAE(BaseVAE):
         return self.decode_codes(self.encode(x))
 
     def training_loss(self, batch, objective, weight) -> tuple[Tensor, dict]:
-        from engine import losses
-
         x, _ = batch
         return losses.vq_objective(self, x, objective)
 
     def export_parts(self):
-        from engine.models.export_wrappers import vq_parts
-
         return vq_parts(self)
 
 
-register_family(
+VQVAE_FAMILY = Family(
     "vqvae",
     VQVAEConfig,
     VQVAE,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.crystal.structures import batch_to_structures
-from engine.data_crystal import CrystalDataset, build_crystal_data, load_file, parse_cif
+from engine.data.crystal_files import load_file, parse_cif
+from engine.data.crystals import CrystalDataset, build_crystal_data
 
 
 def _matcher():
@@ -76,7 +77,7 @@ def test_cache_is_npz_and_reused(random_structure, to_cif, write_csv, tmp_path, 
     def fail(*a, **k):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr("engine.data_crystal.parse_file", fail)
+    monkeypatch.setattr("engine.data.crystal_files.parse_file", fail)
     second = load_file(path, niggli=True, cache_dir=cache)
     np.testing.assert_array_equal(first.frac_coords, second.frac_coords)
     monkeypatch.setenv("VAE_CACHE_DIR", str(tmp_path / "other"))
@@ -123,7 +124,7 @@ def test_perov_directory_split_mapping(data_dir, tmp_path):
 
 def test_missing_split_is_a_dataset_error_with_a_fix(tmp_path):
     from engine.data import DatasetError
-    from engine.data_crystal import build_crystal_data
+    from engine.data.crystals import build_crystal_data
 
     (tmp_path / "val.csv").write_text("cif\n")
     with pytest.raises(DatasetError, match="no test.csv or test.csv.gz.*comma-separated"):

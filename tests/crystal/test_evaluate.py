@@ -10,7 +10,7 @@ import torch
 from engine.crystal.evaluate import evaluate_crystal
 from engine.crystal.metrics import match_structures, summarize
 from engine.crystal.structures import is_valid, make_structure
-from engine.data_crystal import build_crystal_data
+from engine.data.crystals import build_crystal_data
 from engine.models import build_model
 
 

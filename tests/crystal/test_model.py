@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.data_crystal import CrystalBatch
+from engine.data.crystals import CrystalBatch
 from engine.losses import KLWeight
 from engine.models import build_model, config_from_dict, config_to_dict, model_from_config
 from engine.models.crystal import periodic_coord_loss, wrapped_distance

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.analysis.evaluation as evaluation
 import engine.evaluate as ev
 from engine import checkpoint as ckpt
-from engine.anomaly import average_ranks, roc_auc, roc_auc_pairwise
+from engine.analysis.anomaly import average_ranks, roc_auc, roc_auc_pairwise
 from engine.data import TensorLoader
 from engine.losses import iwae_bound, log_importance_weights
 from engine.models.registry import build_model
@@ -74,9 +75,9 @@ def test_iwae_nll_estimate_below_negative_elbo_on_fresh_samples(trained_mlp):
     torch.manual_seed(2)
     x, y = blobs(200, seed=2)
     loader = TensorLoader((x * 255).to(torch.uint8), y, 100, shuffle=False, drop_last=False)
-    nll = {k: -float(ev.gaussian_pass(trained_mlp, loader, "bce", k, seed=3)["iwae"].mean())
+    nll = {k: -float(evaluation.gaussian_pass(trained_mlp, loader, "bce", k, seed=3)["iwae"].mean())
            for k in (2, 20, 200)}
-    stats = ev.gaussian_pass(trained_mlp, loader, "bce", 0, seed=3)
+    stats = evaluation.gaussian_pass(trained_mlp, loader, "bce", 0, seed=3)
     neg_elbo = -float(stats["elbo"].mean())
     assert nll[200] <= nll[20] <= nll[2] <= neg_elbo, (nll, neg_elbo)
 
@@ -92,9 +93,9 @@ def test_chunked_iwae_combines_chunks_exactly(monkeypatch):
         w = log_w[start:start + n].float()
         return w, torch.zeros_like(w), torch.zeros_like(w)
 
-    monkeypatch.setattr(ev, "importance_terms", fake_terms)
+    monkeypatch.setattr(evaluation, "importance_terms", fake_terms)
     x = torch.zeros(5, 1, 28, 28)
-    got = ev.iwae_log_likelihood(None, x, None, k=37, max_rows=5 * 8)  # chunks of 8 samples
+    got = evaluation.iwae_log_likelihood(None, x, None, k=37, max_rows=5 * 8)  # chunks of 8 samples
     assert drawn == [8, 8, 8, 8, 5]
     torch.testing.assert_close(got.double(), iwae_bound(log_w), rtol=1e-6, atol=1e-4)
 
@@ -108,7 +109,7 @@ def test_active_units_on_a_constructed_case():
     means[:, 2] = 0.05 * torch.randn(5000, generator=gen)  # var 0.0025: inactive
     means[:, 3] = 3.0  # constant: inactive
     means[:, 4] = torch.linspace(-0.1, 0.1, 5000)  # var 0.0033: inactive
-    count, var = ev.active_units(means)
+    count, var = evaluation.active_units(means)
     assert count == 2
     assert var[0] == pytest.approx(1.0, rel=0.1) and var[3] == 0
 
@@ -122,7 +123,7 @@ def test_active_units_of_a_model_with_dead_dims():
     w[0:2].mul_(50.0)
     x, y = blobs(300)
     loader = TensorLoader((x * 255).to(torch.uint8), y, 100, shuffle=False, drop_last=False)
-    report = ev.gaussian_report(ev.gaussian_pass(model, loader, "bce"), 1)
+    report = evaluation.gaussian_report(evaluation.gaussian_pass(model, loader, "bce"), 1)
     assert report["active_units"] == 2
     assert report["kl_per_dim"][2:] == [0.0] * 4
     assert min(report["kl_per_dim"][:2]) > 0
@@ -157,7 +158,7 @@ def test_vq_report_counts_codes_over_the_whole_split():
     codes = model.encode(x)
     counts = torch.bincount(codes.flatten(), minlength=64).double()
     p = counts[counts > 0] / counts.sum()
-    report = ev.vq_report(model, loader, "bce")
+    report = evaluation.vq_report(model, loader, "bce")
     assert report["vq"]["codes_used"] == int((counts > 0).sum())
     assert report["vq"]["dead_codes"] == 64 - report["vq"]["codes_used"]
     assert report["vq"]["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
@@ -248,7 +249,7 @@ def test_anomaly_summary_table(tmp_path, capsys):
 
 
 def test_complexity_is_larger_for_busier_images():
-    from engine.anomaly import complexity_nats
+    from engine.analysis.anomaly import complexity_nats
 
     images = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
     images[1, :, 10:12, :] = 255
@@ -271,7 +272,7 @@ def test_cli_complexity_corrected_anomaly_score(trained_mlp, tmp_path, capsys):
 @pytest.mark.parametrize("n, m, d, k, chunk", [(37, 50, 5, 1, 8), (64, 200, 3, 7, 1000),
                                                 (9, 9, 2, 9, 4)])
 def test_knn_distance_matches_brute_force(n, m, d, k, chunk):
-    from engine.anomaly import knn_distance
+    from engine.analysis.anomaly import knn_distance
 
     query, bank = torch.randn(n, d, dtype=torch.float64), torch.randn(m, d, dtype=torch.float64)
     got = knn_distance(query, bank, k, chunk)
@@ -285,7 +286,7 @@ def test_knn_distance_matches_brute_force(n, m, d, k, chunk):
 
 
 def test_knn_distance_ranks_an_unseen_direction_highest():
-    from engine.anomaly import knn_distance
+    from engine.analysis.anomaly import knn_distance
 
     bank = torch.randn(300, 4)
     bank[:, 0] = bank[:, 0].abs() + 1.0  # every bank code points into x0 > 0
@@ -297,7 +298,7 @@ def test_knn_distance_ranks_an_unseen_direction_highest():
 
 
 def test_knn_distance_rejects_bad_shapes_and_k():
-    from engine.anomaly import knn_distance
+    from engine.analysis.anomaly import knn_distance
 
     with pytest.raises(ValueError, match=r"expected query \(N, D\) and bank \(M, D\)"):
         knn_distance(torch.randn(3, 4), torch.randn(5, 3))
@@ -312,7 +313,7 @@ def test_training_bank_leaves_out_the_excluded_classes(trained_mlp, tmp_path):
     run = save(tmp_path, trained_mlp, exclude_class=[1, 7])
     args = ev.build_parser().parse_args([str(run), "--knn-bank", "400"])
     config = ckpt.read(run / "best").config["train"]
-    bank = ev.training_means(trained_mlp, config, args)
+    bank = evaluation.training_means(trained_mlp, config, args)
     _, labels = load_images("mnist", DATA_DIR, train=True)
     first = labels[split_train_val(labels.shape[0])[0][:400]]
     assert bank.shape == (int((~torch.isin(first, torch.tensor([1, 7]))).sum()), 4)

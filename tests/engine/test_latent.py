@@ -1,4 +1,5 @@
-"""engine.latent (grids, traversals, interpolation) and the engine.sample latent subcommands."""
+"""engine.analysis.latent (grids, traversals, interpolation) and the latent subcommands of
+engine.sample."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import checkpoint as ckpt
-from engine import latent
+from engine.analysis import latent
 from engine.models.registry import build_model
 from engine.sample import main as sample_main
 
@@ -199,7 +200,7 @@ def test_image_index_out_of_range_is_rejected(mlp_run, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_grid_and_interpolate_on_an_onnx_export(mlp_run, tmp_path, capsys):
-    """Exported artifacts run through engine.runtime.Sampler (engine.latent.RuntimeModel)."""
+    """Exported artifacts run through the Sampler (engine.analysis.latent.RuntimeModel)."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     from export.onnx import main as onnx_main
 

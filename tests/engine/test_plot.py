@@ -11,6 +11,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import plot
+from engine.analysis import plots
 from engine.models.registry import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,25 +32,25 @@ def write_metrics(run: Path, epochs: int = 3) -> None:
 
 def test_curves_png_from_metrics_with_a_torn_line(tmp_path):
     write_metrics(tmp_path)
-    rows = plot.read_metrics(tmp_path / "metrics.jsonl")
+    rows = plots.read_metrics(tmp_path / "metrics.jsonl")
     assert len(rows) == 3
-    out = plot.plot_curves(rows, tmp_path / "plots" / "curves.png")
+    out = plots.plot_curves(rows, tmp_path / "plots" / "curves.png")
     assert out.read_bytes()[:8] == PNG
 
 
 @pytest.mark.parametrize("latent_dim", [2, 7])
 def test_scatter_png_direct_or_pca(tmp_path, latent_dim):
     means = torch.randn(400, latent_dim)
-    xy, kind = plot.project_2d(means)
+    xy, kind = plots.project_2d(means)
     assert xy.shape == (400, 2) and kind == ("latent" if latent_dim == 2 else "PCA")
     if latent_dim > 2:  # PCA coordinates are centred and ordered by variance
         assert xy.mean(0).abs().max() < 1e-4 and xy[:, 0].var() >= xy[:, 1].var()
-    out = plot.plot_scatter(means, torch.randint(10, (400,)), tmp_path / "s.png")
+    out = plots.plot_scatter(means, torch.randint(10, (400,)), tmp_path / "s.png")
     assert out.read_bytes()[:8] == PNG
 
 
 def test_kl_bar_png(tmp_path):
-    out = plot.plot_kl_per_dim([0.0, 2.5, 0.01], [0.0, 1.0, 0.005], tmp_path / "kl.png")
+    out = plots.plot_kl_per_dim([0.0, 2.5, 0.01], [0.0, 1.0, 0.005], tmp_path / "kl.png")
     assert out.read_bytes()[:8] == PNG
 
 

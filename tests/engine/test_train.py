@@ -15,9 +15,9 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine import losses
-from engine.batches import move_to
-from engine.train import build_parser, main, objective_from_args, schedule_from_args
-from engine.trainer import Trainer, build_run
+from engine.train import build_parser, main
+from engine.training.batches import move_to
+from engine.training.trainer import Trainer, build_run
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIR = os.environ.get("VAE_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
@@ -31,7 +31,7 @@ def args_for(tmp_path, *extra):
 
 def first_losses(argv, n_steps):
     args = build_parser().parse_args(argv)
-    trainer = Trainer(build_run(args, objective_from_args, schedule_from_args))
+    trainer = Trainer(build_run(args))
     loader = trainer.run.data.train
     loader.set_epoch(0)
     out = []

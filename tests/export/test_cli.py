@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from engine import sample
-from engine.models.base import ExportPart
+from engine.models.export_wrappers import ExportPart
 from export import common
 from export import onnx as onnx_export
 from export.aoti import main as aoti_main

@@ -1,4 +1,4 @@
-"""engine.runtime_ort_cpu: the ONNX Runtime CPU graph rewrites, against torch's convolutions.
+"""engine.runtime.ort_cpu: the ONNX Runtime CPU graph rewrites, against torch's convolutions.
 
 Each case builds a one-node ONNX graph with random weights, rewrites it, runs the result in
 ONNX Runtime and compares with torch.nn.functional (an independent implementation of the same
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.runtime import Sampler
-from engine.runtime_ort_cpu import rewrite_for_cpu, rewritten_bytes
+from engine.runtime.ort_cpu import rewrite_for_cpu, rewritten_bytes
 
 BATCHES = (1, 3, 8)
 
@@ -202,7 +202,7 @@ def test_sampler_runs_the_rewritten_conv_decoder(onnx_exported):
 
 def test_refused_rewrite_runs_the_file_as_exported(onnx_exported, monkeypatch):
     """If ONNX Runtime refuses the rewritten graph, the Sampler warns and loads the file."""
-    import engine.runtime_ort_cpu as cpu
+    import engine.runtime.ort_cpu as cpu
 
     path = onnx_exported("conv") / "decoder.onnx"
     monkeypatch.setattr(cpu, "rewritten_bytes", lambda p: (b"not a model", ["fake"]))

@@ -1,4 +1,4 @@
-"""engine.runtime_ort_cuda: IOBinding and the CUDA-graph runner.
+"""engine.runtime.ort_cuda: IOBinding and the CUDA-graph runner.
 
 The binding code is device-agnostic, so on CPU it runs a real ONNX Runtime CPU session on CPU
 tensors and is checked against plain `session.run`; the GPU test (cuda marker) checks the same
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.runtime import Sampler
-from engine.runtime_ort_cuda import CudaGraphRunner, output_buffers, run_bound, supports_graph_ids
+from engine.runtime.ort_cuda import CudaGraphRunner, output_buffers, run_bound, supports_graph_ids
 
 
 class CountingSession:
@@ -111,7 +111,7 @@ def test_cuda_graph_sampler_matches_plain_iobinding(onnx_exported):
 
 @pytest.mark.parametrize("capture_ok", [True, False])
 def test_session_falls_back_when_graph_capture_is_refused(capture_ok, tmp_path):
-    from engine.runtime_backends import OnnxRuntimeBackend
+    from engine.runtime.backends import OnnxRuntimeBackend
 
     tried = []
 

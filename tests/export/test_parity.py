@@ -118,10 +118,9 @@ def test_conditional_metadata(onnx_exported):
 
 def test_crystal_decoder_with_extra_inputs(checkpoints, tmp_path):
     """A family with several heads and a second input (the atom mask): export stays generic."""
-    from engine.models.registry import FAMILIES, _ensure_registered
+    from engine.models.registry import FAMILIES
     from export.onnx import export_onnx
 
-    _ensure_registered()
     if "crystal" not in FAMILIES:
         pytest.skip("the crystal family is not registered")
     run = checkpoints("crystal")

@@ -10,6 +10,7 @@ import torch
 
 from engine import runtime
 from engine.runtime import BACKENDS, Sampler, SamplerError, resolve
+from engine.runtime.backends import OnnxRuntimeBackend
 
 
 # --- selection -------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def test_batches_outside_the_profile_are_split_or_padded(onnx_exported):
     path = onnx_exported("mlp") / "decoder.onnx"
     z = Sampler.load(path).latents(20, seed=1)
     full = Sampler.load(path).decode(z)
-    backend = runtime.OnnxRuntimeBackend(path)
+    backend = OnnxRuntimeBackend(path)
     backend.batch_range = (4, 8)  # as a TensorRT profile would be
     seen = []
     run = backend.run
@@ -145,7 +146,7 @@ def test_non_finite_latents_are_refused(onnx_exported, aoti_exported, artifact, 
 @pytest.mark.parametrize("size", [1, 20, 256, 257, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_finite_sum_is_finite_exactly_when_every_element_is(size, dtype):
-    from engine.runtime_types import finite_sum
+    from engine.runtime.types import finite_sum
 
     a = torch.randn(size, dtype=dtype)
     assert finite_sum(a.numpy()) == pytest.approx(float(a.double().sum()), rel=1e-9, abs=1e-9)

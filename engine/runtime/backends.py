@@ -4,6 +4,7 @@ that map artifacts to them. `engine.runtime.Sampler` adds the checks, batching a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -15,13 +16,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from engine.runtime_types import (  # noqa: F401
+from engine.checkpoint import CheckpointError, load_model, sha256
+from engine.runtime import ort_cpu
+from engine.runtime.ort_cuda import CudaGraphRunner, run_bound, supports_graph_ids
+from engine.runtime.types import (  # noqa: F401
     ModelSpec,
     RuntimeInfo,
     SamplerError,
     finite_sum,
     require_finite,
 )
+from export import manifest
+from export import tensorrt as trt_export
+from export.common import part_specs
+from export.manifest import model_section
 
 isfinite, from_numpy = math.isfinite, torch.from_numpy  # bound once for the batch-1 hot path
 
@@ -64,8 +72,6 @@ class Backend:
     def part(self, name: str) -> Backend:
         """Another part (the encoder) of the same export: same format and precision if the
         manifest beside the artifact lists one, else any that runs on this device."""
-        from export import manifest
-
         path = Path(self.path)
         listed = manifest.find(manifest.read(path.parent), name) \
             if (path.parent / "manifest.json").exists() else []
@@ -82,8 +88,6 @@ class Backend:
 
 def _manifest_entry(path: Path) -> dict[str, Any] | None:
     """The entry of `path` in the manifest beside it, if any."""
-    from export import manifest
-
     try:
         return manifest.read(path.parent).get("artifacts", {}).get(path.name)
     except manifest.ManifestError as e:
@@ -92,8 +96,6 @@ def _manifest_entry(path: Path) -> dict[str, Any] | None:
 
 def _verify(path: Path, fix: str) -> dict[str, Any] | None:
     """Size and SHA-256 against the manifest beside the file: truncation is caught early."""
-    from engine.checkpoint import sha256
-
     if not path.is_file():
         raise SamplerError(f"{path} does not exist; {fix}")
     entry = _manifest_entry(path)
@@ -110,7 +112,7 @@ class OnnxRuntimeBackend(Backend):
     CUDA: IOBinding on torch tensors' device pointers, on torch's current stream
     (`user_compute_stream`), outputs allocated by torch; no host round trip. With the CUDA EP
     first and `cuda_graphs`, each batch shape is captured once as a CUDA graph and replayed
-    (engine.runtime_ort_cuda); a model ONNX Runtime cannot capture whole falls back to plain
+    (engine.runtime.ort_cuda); a model ONNX Runtime cannot capture whole falls back to plain
     IOBinding, and `cuda_graphs` says which one runs.
     """
 
@@ -154,10 +156,7 @@ class OnnxRuntimeBackend(Backend):
                  cuda_graphs: bool, cpu_rewrites: bool = True) -> Any:
         """The session; with the CUDA EP first and `cuda_graphs`, try graph capture first; on
         the CPU with `cpu_rewrites`, run the graph rewritten for ONNX Runtime's CPU kernels
-        (engine.runtime_ort_cpu), and `graph_rewrites` lists what changed."""
-        from engine.runtime_ort_cpu import rewritten_bytes
-        from engine.runtime_ort_cuda import supports_graph_ids
-
+        (engine.runtime.ort_cpu), and `graph_rewrites` lists what changed."""
         fix = "re-export it with python -m export.onnx CKPT"
         first = providers[0]
         cuda_graphs = cuda_graphs and supports_graph_ids(ort.__version__)
@@ -170,7 +169,7 @@ class OnnxRuntimeBackend(Backend):
             except Exception:  # onnxruntime raises its own types; the plain load says why
                 pass
         if cpu_rewrites and providers == ["CPUExecutionProvider"]:
-            model, rewrites = rewritten_bytes(str(path))
+            model, rewrites = ort_cpu.rewritten_bytes(str(path))
             try:  # a rewritten graph this onnxruntime refuses runs as exported instead
                 session = model and ort.InferenceSession(model, opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own types
@@ -188,8 +187,6 @@ class OnnxRuntimeBackend(Backend):
                                ) from e
 
     def _gpu_runner(self) -> Any:
-        from engine.runtime_ort_cuda import CudaGraphRunner, run_bound
-
         if self.cuda_graphs:
             return CudaGraphRunner(self.session, self.input_names)
         return lambda inputs: run_bound(self.session, self.input_names, inputs)
@@ -272,10 +269,6 @@ class EagerBackend(Backend):
 
     def __init__(self, path: Path, device: str | None = None, compile: bool = False,
                  part: str = "decoder", loaded: tuple[Any, dict] | None = None) -> None:
-        from engine.checkpoint import CheckpointError, load_model
-        from export.common import part_specs
-        from export.manifest import model_section
-
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if loaded is None:
             try:
@@ -307,8 +300,6 @@ class EagerBackend(Backend):
 
 
 def _on(part: Any, device: str) -> Any:
-    import dataclasses
-
     return dataclasses.replace(part, example_inputs=tuple(t.to(device)
                                                           for t in part.example_inputs))
 
@@ -329,8 +320,6 @@ class TensorRTBackend(Backend):
     install_hint = "pip install tensorrt (from NVIDIA's index) on a machine with an NVIDIA GPU"
 
     def __init__(self, path: Path, device: str | None = None) -> None:
-        from export import tensorrt as trt_export
-
         if device not in (None, "cuda") and not str(device).startswith("cuda"):
             raise SamplerError(f"TensorRT engines run on CUDA only, not on {device!r}")
         try:

@@ -23,12 +23,20 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from engine import checkpoint as ckpt
-from engine.batches import accumulate, batch_size, evaluate, move_to
 from engine.data import DataBundle, build_image_data
+from engine.data.crystals import build_crystal_data
 from engine.losses import BetaSchedule, KLWeight, Objective
-from engine.models.registry import config_from_dict, get_family, make_config, model_from_config
-from engine.previews import write_previews
-from engine.runlog import append_jsonl, json_safe, read_jsonl, train_config, versions
+from engine.models.registry import (
+    config_from_dict,
+    config_to_dict,
+    get_family,
+    make_config,
+    model_from_config,
+)
+from engine.training.batches import accumulate, batch_size, evaluate, move_to
+from engine.training.options import objective_from_args, schedule_from_args
+from engine.training.previews import write_previews
+from engine.training.runlog import append_jsonl, json_safe, read_jsonl, train_config, versions
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,8 +90,6 @@ def init_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
 
 def build_data(args: Namespace, family: str, rank: int, world: int, device) -> DataBundle:
     if family == "crystal":
-        from engine.data_crystal import build_crystal_data
-
         return build_crystal_data(args.dataset, batch_size=args.batch_size,
                                   max_atoms=args.max_atoms, seed=args.seed,
                                   num_workers=args.num_workers, niggli=args.niggli,
@@ -109,7 +115,7 @@ def model_overrides(args: Namespace, family: str, info: dict[str, Any]) -> dict[
     return {k: v for k, v in wanted.items() if k in fields and v is not None}
 
 
-def build_run(args: Namespace, make_objective, make_schedule) -> Run:
+def build_run(args: Namespace) -> Run:
     rank, world, device = init_distributed(args.device)
     out = Path(args.out or f"runs/{args.model or 'mlp'}-{time.strftime('%Y%m%d-%H%M%S')}")
     resume_from = ckpt.read(out) if args.resume else None
@@ -123,7 +129,8 @@ def build_run(args: Namespace, make_objective, make_schedule) -> Run:
             make_config(family, args.preset, **model_overrides(args, family, data.info)))
     check_loss_matches(args, model)
     return Run(args, out, device, rank, world, data, model.to(device),
-               make_objective(args, data.info.get("dataset_size", 60_000)), make_schedule(args),
+               objective_from_args(args, data.info.get("dataset_size", 60_000)),
+               schedule_from_args(args),
                resume_from)
 
 
@@ -327,8 +334,6 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
-        from engine.models.registry import config_to_dict
-
         return {"model": config_to_dict(self.run.model.config), "train": train_config(self.args),
                 "data": self.run.data.info, "versions": versions()}
 

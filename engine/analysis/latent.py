@@ -18,14 +18,21 @@ It falls back to lerp when a and b are (anti)parallel within 1e-6, where sin(ome
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from engine import checkpoint as ckpt
+from engine.analysis.evaluation import split_loader
+from engine.distributions import DiagonalGaussian
+from engine.runtime import Sampler
+
 INTERPOLATIONS = ("lerp", "slerp")
 
 
-def _check_dims(dims: Sequence[int], latent_dim: int, where: str) -> list[int]:
+def check_dims(dims: Sequence[int], latent_dim: int, where: str) -> list[int]:
     dims = [int(d) for d in dims]
     bad = [d for d in dims if not 0 <= d < latent_dim]
     if bad:
@@ -41,7 +48,7 @@ def latent_grid(latent_dim: int, dims: tuple[int, int] = (0, 1), n: int = 15, lo
     Columns sweep dim i from lo to hi (left to right); rows sweep dim j from hi to lo (top to
     bottom), as in a scatter plot. Every other dim is `base` (default 0: the prior mean).
     """
-    i, j = _check_dims(dims, latent_dim, "latent_grid")
+    i, j = check_dims(dims, latent_dim, "latent_grid")
     if i == j:
         raise ValueError(f"latent_grid: the two dims must differ, got ({i}, {j})")
     if n < 2 or not lo < hi:
@@ -62,7 +69,7 @@ def traversal(base: Tensor, dims: Sequence[int] | None = None, k: float = 3.0,
     the image grid is dims[r], so `make_grid(decode(z), nrow=steps)` shows one dim per row.
     """
     latent_dim = base.numel()
-    dims = _check_dims(range(latent_dim) if dims is None else dims, latent_dim, "traversal")
+    dims = check_dims(range(latent_dim) if dims is None else dims, latent_dim, "traversal")
     if steps < 2 or k <= 0:
         raise ValueError(f"traversal: need steps >= 2 and k > 0, got steps={steps}, k={k}")
     values = torch.linspace(-k, k, steps, dtype=base.dtype, device=base.device)
@@ -161,8 +168,6 @@ class RuntimeModel:
         return self.sampler.decode(z.float(), y).cpu()
 
     def encode(self, x: Tensor, y: Tensor | None = None):
-        from engine.models.base import DiagonalGaussian
-
         out = self.sampler.encode(x, y)
         if not isinstance(out, tuple):
             raise ValueError(f"the {self.family} artifact's encoder gives codes, not a Gaussian")
@@ -234,3 +239,45 @@ def _labels(model, y: Tensor | None, n: int) -> Tensor | None:
         return None
     label = int(y.reshape(-1)[0]) if y is not None else 0
     return torch.full((n,), label, dtype=torch.int64)
+
+
+def load_latent_model(artifact: str | Path, backend: str | None = None, device: str | None = None,
+                      compile: bool = False) -> tuple[Any, dict[str, Any]]:
+    """(model, training config): the PyTorch model of a checkpoint/run directory, or an exported
+    artifact behind engine.runtime.Sampler (as a RuntimeModel, with an empty config)."""
+    path = Path(artifact)
+    if not path.exists():
+        raise ValueError(f"no artifact at {path}: expected a checkpoint/run directory, an export"
+                         " directory or an .onnx/.pt2/.engine file")
+    if path.is_dir() and not (path / "manifest.json").exists():
+        model, c = ckpt.load_model(path, device=device or "cpu")
+        return model, c.config.get("train", {})
+    sampler = Sampler.load(path, backend=backend, device=device, compile=compile)
+    return RuntimeModel(sampler), {}
+
+
+def split_images(model, train_cfg: dict[str, Any], idx: list[int], split: str = "test",
+                dataset: str | None = None, data_dir: str | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """Images `idx` of a split, prepared as the model was trained: ((n, C, H, W), labels (n,))."""
+    cfg = {**train_cfg, "dataset": dataset or train_cfg.get("dataset", "mnist")}
+    cfg.setdefault("pad_to_32", tuple(getattr(model, "data_shape", (0,)))[-1:] == (32,))
+    loader = split_loader(cfg, split, data_dir)
+    n = loader.images.shape[0]
+    if any(not 0 <= i < n for i in idx):
+        raise ValueError(f"image indices {idx} out of range: the {split} split has {n}"
+                         f" images (0..{n - 1})")
+    i = torch.tensor(idx)
+    return loader._prepare(loader.images[i]), loader.labels[i]
+
+
+def label_tensor(model, label: int | None, y: Tensor | None = None) -> Tensor | None:
+    """The (1,) label a conditional model decodes with: `label`, else y's first, else 0."""
+    if not getattr(model, "conditional", False):
+        if label is not None:
+            raise ValueError("--label given, but this model is unconditional")
+        return None
+    label = label if label is not None else (int(y[0]) if y is not None else 0)
+    if not 0 <= label < _num_classes(model):
+        raise ValueError(f"--label must be in [0, {_num_classes(model)}), got {label}")
+    return torch.tensor([label])

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+import engine
+
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
@@ -49,8 +51,6 @@ def train_config(args: Namespace) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import engine
-
     out = {"vae_engine": engine.__version__, "torch": torch.__version__}
     try:
         import triton

@@ -26,31 +26,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.runtime_backends import (  # noqa: F401  (re-exported)
+from engine.runtime.backends import (
     BACKENDS,
     FORMAT_BACKEND,
     PREFERENCE,
     SUFFIX_BACKEND,
-    AOTInductorBackend,
     Backend,
     EagerBackend,
     OnnxRuntimeBackend,
-    TensorRTBackend,
 )
-from engine.runtime_types import (  # noqa: F401  (re-exported)
-    ModelSpec,
+from engine.runtime.types import (
     RuntimeInfo,
     SamplerError,
     require_finite,
 )
+from export import manifest
 
 DEFAULT_CHUNK = 4096  # sample() batch size when the backend has no upper bound
 
 
 def _choose_from_export_dir(path: Path, backend: str | None, device: str | None
                             ) -> tuple[str, Path]:
-    from export import manifest
-
     try:
         entries = manifest.find(manifest.read(path, missing_ok=False), "decoder")
     except manifest.ManifestError as e:
@@ -128,7 +124,7 @@ class Sampler:
         torch.compile with compile=True). `threads` sizes ONNX Runtime's intra-op pool;
         `cuda_graphs` lets ONNX Runtime's CUDA EP capture and replay CUDA graphs;
         `cpu_rewrites` lets its CPU backend run exact, faster forms of some convolutions
-        (engine.runtime_ort_cpu; `info.graph_rewrites` lists them)."""
+        (engine.runtime.ort_cpu; `info.graph_rewrites` lists them)."""
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)

@@ -1,0 +1,46 @@
+"""What the sampling commands write: image grids (PNG/JPEG) and the raw tensors behind them
+(`.safetensors`), each through a temp file and a rename, so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torchvision.utils import save_image
+
+
+def parse_labels(text: str | None, n: int) -> torch.Tensor | int | None:
+    """'3' -> 3 (all samples); '0,1,2' -> cycled over the n samples."""
+    if text is None:
+        return None
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if len(values) == 1:
+        return values[0]
+    return torch.tensor(values, dtype=torch.int64).repeat(n // len(values) + 1)[:n]
+
+
+def save_grid(images: torch.Tensor, out: str | os.PathLike, nrow: int) -> Path:
+    """save_image to a temp file beside `out` (same suffix, so the format is kept), then rename."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError("the decoder's outputs are not images (B, C, H, W); use the runtime API")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
+    try:
+        save_image(images.detach().float().cpu().clamp(0, 1), tmp, nrow=nrow)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def save_tensors(png: Path, **tensors: torch.Tensor | None) -> Path:
+    """The raw tensors behind a grid, as OUT.safetensors beside OUT.png (atomic)."""
+    path = png.with_suffix(".safetensors")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None},
+              str(tmp))
+    os.replace(tmp, path)
+    return path
