@@ -5,20 +5,12 @@
     python -m engine.evaluate runs/vq                    # codebook usage, perplexity, dead codes
     python -m engine.evaluate runs/crystal --dataset data/mp_20   # -> engine.crystal.evaluate
 
-Reports (JSON to --out, and a table on stdout), per image and averaged over the split:
-  ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one z ~ q per image, and its two parts;
-  IWAE_k = log (1/k) sum_i p(x, z_i) / q(z_i | x), z_i ~ q(z|x) (Burda et al. 2016,
-      https://arxiv.org/abs/1509.00519): a lower bound on log p(x) that tightens as k grows, so
-      -IWAE_k is an upper-bound estimate of the NLL. All k samples and all images of a batch go
-      through the decoder together; k is cut into chunks of at most --max-rows decoder rows
-      (rows = chunk * batch), and the chunks are combined with a running logsumexp;
-  active units (Burda et al.): A_u = Cov_x(E_q[z_u | x]) > 0.01, and KL per latent dim;
-  reconstruction MSE and BCE of the deterministic reconstruction decode(E_q[z|x]), summed
-      over pixels (BCE against the evaluated, possibly binarized, images);
-  VQ-VAE: codebook usage, perplexity exp(H) of the code histogram over the whole split, and
-      dead codes (never chosen);
+Reports (JSON to --out, and a table on stdout), per image and averaged over the split: the ELBO
+and its two parts, the IWAE_k NLL estimate (--iw-samples k, in chunks of --max-rows decoder
+rows), active units and KL per latent dim, reconstruction MSE and BCE; for a VQ-VAE, codebook
+usage, perplexity and dead codes. Definitions and references: engine.analysis.evaluation.
   --anomaly --holdout-class C: score = -ELBO (or -IWAE_k with --iw-samples k > 1) per image,
-      ROC-AUC of class C (positive) against the rest, see engine.anomaly; with
+      ROC-AUC of class C (positive) against the rest, see engine.analysis.anomaly; with
       --anomaly-score complexity the score is corrected by a zlib code length, and with
       --anomaly-score latent-knn it is the cosine distance from the image's posterior mean to
       its --knn-k-th nearest among the training images' (the classes the model was trained on).
