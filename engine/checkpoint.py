@@ -11,8 +11,10 @@ A checkpoint is a directory, self-contained (its config alone rebuilds the model
 
 Writes are atomic at the directory level: files go to `<ckpt>.tmp/` (each fsynced), the old
 directory is renamed to `<ckpt>.old/`, the new one renamed into place, then `.old` removed. A
-crash at any point leaves either `<ckpt>/` or `<ckpt>.old/` complete; `resolve()` finds it.
-Loading never unpickles: safetensors and JSON only.
+crash at any point leaves `<ckpt>/`, a complete `<ckpt>.tmp/` or `<ckpt>.old/`: `resolve()`
+reads the newest complete one, and the next `save()` first puts it back in place. Loading
+never unpickles: safetensors and JSON only, and every file is checked against the SHA-256 that
+state.json records (a state.json without them is refused).
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def save(
     """Write a checkpoint directory atomically. `extra_state` must be JSON-serialisable."""
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    _finish_interrupted_swap(path, tmp, old)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     config = {"format": FORMAT_VERSION, "model": config_to_dict(model.config),
@@ -155,6 +158,17 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
+def _finish_interrupted_swap(path: Path, tmp: Path, old: Path) -> None:
+    """A crash between `path -> old` and `tmp -> path` leaves no `path`: put the newest complete
+    copy in place before writing, so the next save never deletes the only good checkpoint."""
+    if (path / "state.json").exists():
+        return
+    if _complete(tmp):
+        os.replace(tmp, path)
+    elif (old / "state.json").exists():
+        os.replace(old, path)
+
+
 def _swap_into_place(tmp: Path, path: Path, old: Path) -> None:
     fsync_dir(tmp)
     if path.exists():
@@ -167,33 +181,68 @@ def _swap_into_place(tmp: Path, path: Path, old: Path) -> None:
 
 # --- load -----------------------------------------------------------------------------------
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory from a checkpoint dir, a run dir (-> last/) or a file in one."""
+    """A checkpoint directory from a checkpoint dir, a run dir (-> last/, else best/) or a file
+    in one. A swap that a crash interrupted (`<ckpt>/` gone) is read from where it stands: the
+    complete new `<ckpt>.tmp/`, else the previous `<ckpt>.old/`."""
     p = Path(path)
     if p.is_file() and p.name in (*WEIGHT_FILES, "config.json", "state.json"):
         p = p.parent
-    if (p / "state.json").exists():
-        return p
-    for candidate in (p / "last", p / "best", p.with_name(p.name + ".old"), p / "last.old"):
-        if (candidate / "state.json").exists():
-            return candidate
+    for base in (p, p / "last", p / "best"):
+        found = _settled(base)
+        if found is not None:
+            return found
     raise CheckpointError(
         f"no checkpoint at {path}: expected a run directory (with last/ or best/) or a"
         " checkpoint directory holding config.json, model.safetensors and state.json"
     )
 
 
+def _settled(path: Path) -> Path | None:
+    """`path` if it is a checkpoint; if a crash left it mid-swap, the newest complete copy."""
+    if (path / "state.json").exists():
+        return path
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if _complete(tmp):
+        return tmp
+    return old if (old / "state.json").exists() else None
+
+
+def _complete(path: Path) -> bool:
+    """A fully written checkpoint directory: state.json (written last) and every file it hashes."""
+    try:
+        _verify(path, _read_json(path / "state.json"))
+    except CheckpointError:
+        return False
+    return True
+
+
+def _verify(path: Path, state: dict[str, Any]) -> None:
+    hashes = state.get("sha256")
+    if not isinstance(hashes, dict) or "model.safetensors" not in hashes:
+        raise CheckpointError(
+            f"checkpoint {path} has no SHA-256 entries in state.json, so its files cannot be"
+            " verified: it was not written by vae-engine or state.json was edited; re-save it"
+            " with engine.checkpoint.save, or use another checkpoint"
+        )
+    for name in (*WEIGHT_FILES, "config.json"):
+        if (path / name).exists() and name not in hashes:
+            raise CheckpointError(f"checkpoint {path}: {name} has no recorded SHA-256 in"
+                                  " state.json (added after saving?); it cannot be verified")
+    for name, digest in hashes.items():
+        if not (path / name).exists():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if sha256(path / name) != digest:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} does not match its recorded SHA-256"
+                " (truncated or modified); use another checkpoint, e.g. best/ or last/"
+            )
+
+
 def read(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
     p = resolve(path)
     state = _read_json(p / "state.json")
     if verify:
-        for name, digest in state.get("sha256", {}).items():
-            if not (p / name).exists():
-                raise CheckpointError(f"checkpoint {p} is incomplete: {name} is missing")
-            if sha256(p / name) != digest:
-                raise CheckpointError(
-                    f"checkpoint {p} is corrupt: {name} does not match its recorded SHA-256"
-                    " (truncated or modified); use another checkpoint, e.g. best/ or last/"
-                )
+        _verify(p, state)
     return Checkpoint(p, _read_json(p / "config.json"), state)
 
 

@@ -21,6 +21,7 @@ from engine.data import DatasetError
 from engine.losses import SCHEDULES
 from engine.models.registry import FAMILIES
 from engine.training import Trainer, TrainingDiverged, build_run
+from engine.training.options import parse_train_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     a("--out", default=None, help="run directory (default runs/<model>-<time>)")
     a("--resume", action="store_true", help="continue from --out's last checkpoint")
+    a("--overwrite", action="store_true",
+      help="replace the run in --out (its checkpoints, metrics and export are deleted)")
     a("--ckpt-every", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
     a("--log-every", type=int, default=20, help="steps between progress/NaN checks")
     a("--num-workers", type=int, default=0, help="loader workers (crystal data)")
@@ -80,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = parse_train_args(build_parser, argv)
         kernels.set_backend(args.kernels)
         run = build_run(args)
         Trainer(run).fit()

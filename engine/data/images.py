@@ -94,6 +94,11 @@ def load_images(name: str, data_dir: str | os.PathLike | None,
         )
     cls = _torchvision_class(name)
     root = default_data_dir(data_dir)
+    if (data_dir or os.environ.get("VAE_DATA_DIR")) and not root.is_dir():
+        source = "--data-dir" if data_dir else "VAE_DATA_DIR"
+        raise DatasetError(
+            f"{source} {root} does not exist (it is not created); point it at a directory"
+            f" holding {cls.__name__}/raw/*-ubyte.gz, or leave it unset to use the cache")
     try:
         ds = cls(str(_writable_root(root, cls.__name__)), train=train, download=True)
     except Exception as e:  # URLError, RuntimeError("Error downloading ...") when offline
@@ -169,6 +174,21 @@ class TensorLoader:
         return x
 
 
+def _without_classes(labels: Tensor, train_idx: Tensor, val_idx: Tensor,
+                     excluded: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The train/val indices whose labels are not in `excluded` (checked against the labels)."""
+    classes = sorted(set(labels.tolist()))
+    unknown = sorted(set(excluded) - set(classes))
+    if unknown:
+        raise DatasetError(f"--exclude-class {unknown}: not a class of this dataset (classes"
+                           f" {classes[0]}..{classes[-1]})")
+    if set(classes) <= set(excluded):
+        raise DatasetError(f"--exclude-class removes every class ({len(classes)}): nothing is"
+                           " left to train on; exclude fewer classes")
+    keep = ~torch.isin(labels, torch.tensor(excluded))
+    return train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+
+
 def build_image_data(name: str, *, data_dir: str | None, batch_size: int, eval_batch_size: int,
                      pad_to_32: bool, binarize: bool, seed: int, rank: int = 0,
                      world_size: int = 1, device: torch.device | str = "cpu",
@@ -182,8 +202,7 @@ def build_image_data(name: str, *, data_dir: str | None, batch_size: int, eval_b
     test_images, test_labels = load_images(name, data_dir, train=False)
     train_idx, val_idx = split_train_val(images.shape[0])
     if exclude_classes:
-        keep = ~torch.isin(labels, torch.tensor(exclude_classes))
-        train_idx, val_idx = train_idx[keep[train_idx]], val_idx[keep[val_idx]]
+        train_idx, val_idx = _without_classes(labels, train_idx, val_idx, exclude_classes)
     common = dict(pad_to=32 if pad_to_32 else None, device=device)
     train = TensorLoader(images[train_idx], labels[train_idx], batch_size, shuffle=True,
                          drop_last=True, binarize="dynamic" if binarize else "none", seed=seed,

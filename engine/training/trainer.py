@@ -7,7 +7,6 @@ The scheduled KL weight enters the step as tensors, so changing beta never recom
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -36,7 +35,9 @@ from engine.models.registry import (
 from engine.training.batches import accumulate, batch_size, evaluate, move_to
 from engine.training.options import objective_from_args, schedule_from_args
 from engine.training.previews import write_previews
-from engine.training.runlog import append_jsonl, json_safe, read_jsonl, train_config, versions
+from engine.training.rundir import check_new_run, clear_run, retire_export
+from engine.training.runlog import append_jsonl, json_safe, train_config, versions
+from engine.training.state import rebuild_metrics, restore_training_state, training_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,6 +119,8 @@ def model_overrides(args: Namespace, family: str, info: dict[str, Any]) -> dict[
 def build_run(args: Namespace) -> Run:
     rank, world, device = init_distributed(args.device)
     out = Path(args.out or f"runs/{args.model or 'mlp'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume:
+        check_new_run(out, getattr(args, "overwrite", False))
     resume_from = ckpt.read(out) if args.resume else None
     family = resolve_family(args, resume_from)
     torch.manual_seed(args.seed + rank)
@@ -215,6 +218,9 @@ class Trainer:
         self.weight = KLWeight(torch.zeros((), device=run.device),
                                torch.zeros((), device=run.device))
         self.step, self.epoch, self.batch_in_epoch, self.best = 0, 0, 0, math.inf
+        self.epoch_sums: dict[str, Tensor] = {}
+        self.epoch_seen = 0
+        self.history: list[dict[str, Any]] = []  # metrics.jsonl rows, saved in checkpoints
         if run.resume_from is not None:
             self._restore(run.resume_from)
 
@@ -236,21 +242,31 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         run = self.run
         if run.is_main:
-            run.out.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(run.out / "config.json", self._config())
-            self._truncate_metrics()
+            self._prepare_out()
         while self.epoch < self.args.epochs and self.step < self.total_steps:
             train_metrics = self._train_epoch()
             self._end_epoch(train_metrics)
         return self._final_test()
+
+    def _prepare_out(self) -> None:
+        out = self.run.out
+        if self.args.overwrite:
+            clear_run(out)
+        elif self.run.resume_from is not None and (moved := retire_export(out)) is not None:
+            print(f"note: moved {out / 'export'} to {moved}: it was exported from the"
+                  " checkpoints that this resumed run replaces")
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_json(out / "config.json", self._config())
+        rebuild_metrics(out / "metrics.jsonl", self.history, self.step)
 
     # --- epochs ---------------------------------------------------------------------------
     def _train_epoch(self) -> dict[str, float]:
         run, loader = self.run, self.run.data.train
         start = self.batch_in_epoch
         batches = self._batches(loader, start)
-        sums: dict[str, Tensor] = {}
-        seen, t0 = 0, time.perf_counter()
+        if start == 0:
+            self.epoch_sums, self.epoch_seen = {}, 0
+        sums, seen, t0 = self.epoch_sums, 0, time.perf_counter()
         bar = tqdm(batches, total=len(loader) - start, desc=f"epoch {self.epoch + 1}",
                    disable=not run.is_main or self.args.no_progress, leave=False)
         for batch in bar:
@@ -263,9 +279,11 @@ class Trainer:
                 self.ema.update_parameters(run.model)
             accumulate(sums, {"loss": loss, **parts})
             self.step, self.batch_in_epoch, seen = self.step + 1, self.batch_in_epoch + 1, seen + 1
+            self.epoch_seen += 1
             if self.step % self.args.log_every == 0 or self.step >= self.total_steps:
                 self._check_finite(sums)
-                bar.set_postfix(loss=f"{sums['loss'].item() / seen:.3f}", beta=f"{beta:.3g}")
+                bar.set_postfix(loss=f"{sums['loss'].item() / self.epoch_seen:.3f}",
+                                beta=f"{beta:.3g}")
             if self.args.ckpt_every and self.step % self.args.ckpt_every == 0:
                 self._check_finite(sums)
                 self._save("last")
@@ -273,7 +291,8 @@ class Trainer:
                 break
         self._check_finite(sums)
         elapsed = time.perf_counter() - t0
-        metrics = {f"train_{k}": v.item() / max(seen, 1) for k, v in sums.items()}
+        # Averages over every batch of the epoch, those before a mid-epoch resume included.
+        metrics = {f"train_{k}": v.item() / max(self.epoch_seen, 1) for k, v in sums.items()}
         metrics.update(steps_per_s=seen / elapsed, images_per_s=seen * batch_size(batch) / elapsed
                        if seen else 0.0, lr=float(self.scheduler.get_last_lr()[0]))
         return metrics
@@ -294,6 +313,7 @@ class Trainer:
             row = {"epoch": self.epoch + 1, "step": self.step, **train_metrics,
                    **{f"val_{k}": v for k, v in val.items()}, "beta": run.schedule(self.step)[0]}
             append_jsonl(run.out / "metrics.jsonl", row)
+            self.history.append(json_safe(row))
             write_previews(self.eval_model(), run.data.val, run.out, self.epoch + 1, run.device)
             if finished_epoch:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -343,49 +363,13 @@ class Trainer:
             raise TrainingDiverged(
                 f"parameters became NaN/inf at step {self.step}; not overwriting {name}/ (the"
                 " last good checkpoint is kept). Try a lower --lr or --grad-clip 1.0")
-        tensors: dict[str, Tensor] = {}
-        state = {
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "best": self.best if math.isfinite(self.best) else None,
-            "optimizer": ckpt.split_state(self.optimizer.state_dict(), "optimizer", tensors),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if run.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(run.device)
-        if self.ema is not None:
-            tensors["ema.n_averaged"] = self.ema.n_averaged.detach().cpu()
+        state, tensors = training_state(self)
         ckpt.save(run.out / name, run.model, train_config=train_config(self.args),
                   ema=self.ema.module if self.ema is not None else None,
-                  extra_state=json_safe(state), extra_tensors=tensors)
+                  extra_state=state, extra_tensors=tensors)
 
     def _restore(self, c: ckpt.Checkpoint) -> None:
-        ckpt.load_weights(self.run.model, ckpt.read_tensors(c, "model.safetensors"), c.path)
-        tensors = ckpt.read_tensors(c, "state.safetensors")
-        self.optimizer.load_state_dict(
-            ckpt.optimizer_state_from_json(c.state["optimizer"], tensors))
-        self.scheduler.load_state_dict(c.state["scheduler"])
-        self.scaler.load_state_dict(c.state.get("scaler", {}) or self.scaler.state_dict())
-        torch.set_rng_state(tensors["rng.cpu"])
-        if "rng.cuda" in tensors and self.run.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.run.device)
-        if self.ema is not None and (c.path / "ema.safetensors").exists():
-            ckpt.load_weights(self.ema.module, ckpt.read_tensors(c, "ema.safetensors"), c.path)
-            self.ema.n_averaged.copy_(tensors["ema.n_averaged"])
-        self.step, self.epoch = c.state["step"], c.state["epoch"]
-        self.batch_in_epoch = c.state["batch_in_epoch"]
-        self.best = c.state["best"] if c.state.get("best") is not None else math.inf
+        restore_training_state(self, c)
         if self.run.is_main:
             print(f"resumed from {c.path} at step {self.step} (epoch {self.epoch + 1},"
                   f" batch {self.batch_in_epoch})")
-
-    def _truncate_metrics(self) -> None:
-        """On resume, drop rows written after the checkpoint (they will be recomputed)."""
-        path = self.run.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        rows = read_jsonl(path)
-        kept = [r for r in rows if r["step"] <= self.step]
-        if len(kept) != len(rows) or path.read_bytes()[-1:] not in (b"\n", b""):
-            ckpt.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())

@@ -127,10 +127,20 @@ def test_missing_dataset_offline_says_how_to_fix(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(tv_utils, "download_url", offline)
     monkeypatch.setenv("VAE_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
     argv = ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--no-progress"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "could not be downloaded" in err and "VAE_DATA_DIR" in err and err.count("\n") == 1
+
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_created(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "dir"
+    argv = ["--data-dir", str(missing), "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
+    assert not missing.exists() and not (tmp_path / "no").exists()
 
 
 @needs_mnist
@@ -139,7 +149,7 @@ def test_resume_with_another_model_is_refused(tmp_path, capsys):
                          "--max-steps", "3")) == 0
     capsys.readouterr()
     assert main(args_for(tmp_path, "--model", "conv", "--resume")) == 2
-    assert "is a checkpoint of a 'mlp' model, but --model conv" in capsys.readouterr().err
+    assert "cannot change --model (saved 'mlp', given 'conv')" in capsys.readouterr().err
 
 
 @needs_mnist
