@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="drop this label from train/val (repeatable; for anomaly detection)")
     a("--epochs", type=int, default=10)
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--batch-size", type=int, default=128)
+    a("--batch-size", type=int, default=128, help="default 128, or the preset's recipe")
     a("--eval-batch-size", type=int, default=1000)
     a("--lr", type=float, default=1e-3)
     a("--weight-decay", type=float, default=0.0)
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the whole training step")
     a("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     a("--amp", choices=("off", "bf16", "fp16"), default="off")
-    a("--ema", type=float, default=None, metavar="DECAY", help="keep an EMA of the weights")
+    a("--ema", type=float, default=None, metavar="DECAY",
+      help="keep an EMA of the weights (0: off; default: the preset's recipe)")
     a("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     a("--kernels", choices=("auto", "triton", "torch"), default="auto",
       help="fused Triton kernels (auto: on CUDA) or the PyTorch reference")

@@ -48,12 +48,15 @@ class ModelOutput:
 @dataclass(frozen=True)
 class Family:
     """A model family: its frozen config class, its model class and its named presets
-    (preset name -> config overrides; the first one is the family's default)."""
+    (preset name -> config overrides; the first one is the family's default). `recipes` holds,
+    per preset, the training flags behind its published results (e.g. batch size, EMA), which
+    `python -m engine.train` uses unless the flags are given."""
 
     name: str
     config_cls: type
     model_cls: type[nn.Module]
     presets: dict[str, dict[str, Any]]
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def default_preset(self) -> str:

@@ -77,6 +77,14 @@ def resolve_preset(family: str, preset: str | None) -> dict[str, Any]:
     return dict(PRESETS[name][1])
 
 
+def training_recipe(family: str, preset: str | None = None) -> dict[str, Any]:
+    """The training flags (argparse destinations -> values) recorded for `preset`."""
+    fam = get_family(family)
+    name = preset or fam.default_preset
+    resolve_preset(family, name)  # validates the name
+    return dict(fam.recipes.get(name, {}))
+
+
 def make_config(family: str, preset: str | None = None, **overrides: Any) -> Any:
     """The frozen config of `family` from `preset`, with `overrides` (None values ignored)."""
     fam = get_family(family)

@@ -13,6 +13,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.losses import BetaSchedule, Objective
+from engine.models.registry import FAMILIES, training_recipe
 
 
 def objective_from_args(args: Namespace, dataset_size: int) -> Objective:
@@ -116,10 +117,22 @@ def parse_train_args(make_parser: Callable[[], ArgumentParser],
     """Parse and check the flags; on --resume, fill every flag not given from the checkpoint's
     saved training config (refusing changes to what is trained)."""
     args = make_parser().parse_args(list(argv))
+    given = given_flags(make_parser(), argv)
+    if args.ema == 0:
+        args.ema = None  # --ema 0 turns off a recipe's EMA
     check_args(args)
     if not args.resume:
-        return args
+        return with_recipe(args, given)
     if args.out is None:
         raise ValueError("--resume needs --out RUN_DIR: the run directory to continue")
     saved = ckpt.read(args.out).config.get("train", {})
-    return resumed_args(args, given_flags(make_parser(), argv), saved)
+    return resumed_args(args, given, saved)
+
+
+def with_recipe(args: Namespace, given: set[str]) -> Namespace:
+    """The preset's recorded training flags (engine.models Family.recipes) for the flags that
+    were not given: the defaults reproduce the README's results."""
+    if args.model is not None and args.model not in FAMILIES:
+        return args  # the unknown name is reported, with the valid ones, when the run is built
+    recipe = training_recipe(args.model or "mlp", args.preset)
+    return Namespace(**{**vars(args), **{k: v for k, v in recipe.items() if k not in given}})

@@ -167,3 +167,18 @@ def test_a_crash_mid_swap_resumes_from_the_newest_complete_checkpoint(finished_r
     assert train(tmp_path, "--resume", "--max-steps", "6") == 0
     assert ckpt.read(finished_run).step == 6 and c.step == 4
     assert not (finished_run / "last.tmp").exists() and not (finished_run / "last.old").exists()
+
+
+@pytest.mark.parametrize(("argv", "batch", "ema"), [
+    ([], 64, 0.999),                                  # mlp-mnist: the README's recipe
+    (["--batch-size", "128"], 128, 0.999),            # a given flag wins
+    (["--ema", "0"], 64, None),                       # --ema 0 turns the recipe's EMA off
+    (["--model", "conv"], 128, 0.999),
+    (["--model", "vqvae"], 128, None),                # no recipe recorded
+])
+def test_defaults_follow_the_presets_recipe(argv, batch, ema):
+    from engine.train import build_parser
+    from engine.training.options import parse_train_args
+
+    args = parse_train_args(build_parser, argv)
+    assert (args.batch_size, args.ema) == (batch, ema)
