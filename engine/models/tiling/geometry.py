@@ -60,6 +60,8 @@ def source_window(a: int, b: int, n_stored: int, up: int) -> Window:
     """The Window for conv-input rows [a, b) when the conv input is the stored map of `n_stored`
     rows upsampled `up` times (nearest); `up` = 1 means no upsampling."""
     lo, hi = max(a, 0), min(b, up * n_stored)
+    if hi <= lo:  # the window lies wholly in the padding: read nothing, all zeros
+        return Window((0, 0), (0, 0), (b - a, 0))
     r0, r1 = lo // up, -(-hi // up)
     return Window((r0, r1), (lo - up * r0, hi - up * r0), (lo - a, b - hi))
 

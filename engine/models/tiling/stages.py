@@ -77,8 +77,9 @@ class Residual:
 
 def _upsample_conv(x: Tensor, conv: ConvSpec, up: int, rows: Window, cols: Window) -> Tensor:
     """Upsample a fetched window `up` times (nearest), crop, zero-pad, convolve."""
-    if up > 1:
-        x = F.interpolate(x, scale_factor=float(up), mode="nearest")
+    if up > 1:  # an empty window (wholly in the padding) keeps its shape arithmetic
+        x = (F.interpolate(x, scale_factor=float(up), mode="nearest") if x.numel() else
+             x.new_empty(*x.shape[:2], up * x.shape[2], up * x.shape[3]))
     x = x[..., rows.crop[0]:rows.crop[1], cols.crop[0]:cols.crop[1]]
     return conv.apply(F.pad(x, (cols.pad[0], cols.pad[1], rows.pad[0], rows.pad[1])))
 
