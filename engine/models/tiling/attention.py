@@ -80,7 +80,7 @@ def _keys_values(ctx: Context, src: Feature, attn: nn.Module,
     values = ctx.new_map((b, heads, h * w, c // heads), src.data.dtype)
     start = 0
     for rows, cols in tiles:
-        t = _tokens(ctx, src, attn.group_norm, rows, cols)
+        t = _tokens(ctx, src, getattr(attn, "group_norm", None), rows, cols)
         stop = start + t.shape[1]
         keys.data[:, :, start:stop].copy_(_split_heads(_linear(attn.to_k, t), heads))
         values.data[:, :, start:stop].copy_(_split_heads(_linear(attn.to_v, t), heads))
@@ -106,7 +106,8 @@ def run_attention(ctx: Context, src: Feature, attn: nn.Module, tile: int,
     out = ctx.new_map((b, c, h, w), src.data.dtype)
     acc = StatsAccumulator(groups)
     for rows, cols in tiles:
-        q = _split_heads(_linear(attn.to_q, _tokens(ctx, src, attn.group_norm, rows, cols)), heads)
+        tokens = _tokens(ctx, src, getattr(attn, "group_norm", None), rows, cols)
+        q = _split_heads(_linear(attn.to_q, tokens), heads)
         if stream:
             o = streamed_attention(ctx, q, keys, values, chunk=max(q.shape[2], MIN_KEY_CHUNK))
         else:
@@ -118,5 +119,6 @@ def run_attention(ctx: Context, src: Feature, attn: nn.Module, tile: int,
             y = y / rescale
         acc.add(y)
         out.data[..., rows[0]:rows[1], cols[0]:cols[1]].copy_(y)
+        del tokens, q, o, y  # not alive while the next tile is computed
     out.stats = acc.result()
     return out

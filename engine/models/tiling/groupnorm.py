@@ -85,7 +85,8 @@ class StatsAccumulator:
 def group_norm_tile(x: Tensor, stats: GroupStats, norm: nn.GroupNorm) -> Tensor:
     """Apply `norm` to a tile x: (B, C, h, w) with the whole map's statistics.
 
-    y = (x - mean_g) * rstd_g * gamma_c + beta_c,  rstd_g = 1 / sqrt(var_g + eps), for c in g.
+    y = (x - mean_g) * rstd_g * gamma_c + beta_c,  rstd_g = 1 / sqrt(var_g + eps), for c in g;
+    computed in float32 (as PyTorch's GroupNorm does for half inputs), returned in x's dtype.
     """
     if stats.groups != norm.num_groups:
         raise ValueError(f"statistics were gathered for {stats.groups} groups but the GroupNorm "
@@ -95,5 +96,8 @@ def group_norm_tile(x: Tensor, stats: GroupStats, norm: nn.GroupNorm) -> Tensor:
     scale = (stats.variance() + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
     if norm.weight is not None:
         scale = scale * norm.weight.double()
-    y = (x - mean.to(x)[..., None, None]) * scale.to(x)[..., None, None]
-    return y if norm.bias is None else y + norm.bias.to(x)[:, None, None]
+    y = x.float() - mean.to(device=x.device, dtype=torch.float32)[..., None, None]
+    y.mul_(scale.to(y)[..., None, None])  # in place: one tile-sized buffer, not three
+    if norm.bias is not None:
+        y.add_(norm.bias.to(y)[:, None, None])
+    return y.to(x.dtype)

@@ -37,12 +37,21 @@ def compose(first: Pointwise | None, then: Pointwise | None) -> Pointwise | None
     return lambda x: then(first(x))
 
 
+def _in_place(act: Pointwise | None) -> Pointwise | None:
+    """SiLU / ReLU applied in place (on a fresh tensor: one tile buffer fewer); others as is."""
+    if isinstance(act, nn.SiLU) or act is F.silu:
+        return lambda t: F.silu(t, inplace=True)
+    if isinstance(act, nn.ReLU) or act is F.relu:
+        return lambda t: F.relu(t, inplace=True)
+    return act
+
+
 def norm_act(norm: nn.GroupNorm | None, act: Pointwise | None, src: Feature) -> Pointwise | None:
     """act(GroupNorm(x)) with `src`'s whole-map statistics, as a pointwise function of a tile."""
     if norm is None:
         return act
     stats = src.stats
-    return compose(lambda t: group_norm_tile(t, stats, norm), act)
+    return compose(lambda t: group_norm_tile(t, stats, norm), _in_place(act))
 
 
 def activation_of(module: nn.Module, name: str) -> Pointwise:
@@ -59,6 +68,9 @@ def _check_no(module: nn.Module, names: tuple[str, ...], where: str) -> None:
 
 @dataclass(frozen=True)
 class ConvLayer:
+    """A conv with a pointwise pre (act(norm(x)), or act alone), an optional nearest upsample
+    of factor `up` before it, and a pointwise `post` after it."""
+
     conv: ConvSpec
     norm: nn.GroupNorm | None = None
     act: Pointwise | None = None
@@ -80,6 +92,9 @@ class ConvLayer:
 
 @dataclass(frozen=True)
 class ResnetLayer:
+    """out = (shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))) / output_scale_factor, as
+    two tiled conv stages with the inner map parked between them."""
+
     block: nn.Module  # norm1, conv1, norm2, conv2, conv_shortcut (None or 1x1), nonlinearity
 
     @property
@@ -111,6 +126,8 @@ class ResnetLayer:
 
 @dataclass(frozen=True)
 class AttentionLayer:
+    """The mid-block attention over the whole map (attention.py)."""
+
     attn: nn.Module
 
     @property
@@ -127,6 +144,8 @@ class AttentionLayer:
 
 @dataclass(frozen=True)
 class TinyBlockLayer:
+    """out = fuse(convs(x) + skip(x)), each conv of the chain a tiled stage."""
+
     convs: tuple[ConvLayer, ...]  # the block's `conv` Sequential, activations folded in
     skip: ConvSpec | None
     fuse: Pointwise

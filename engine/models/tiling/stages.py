@@ -75,26 +75,30 @@ class Residual:
         return y if self.out_scale == 1.0 else y / self.out_scale
 
 
-def _upsample_conv(x: Tensor, conv: ConvSpec, up: int, rows: Window, cols: Window) -> Tensor:
-    """Upsample a fetched window `up` times (nearest), crop, zero-pad, convolve."""
+def _padded_window(x: Tensor, up: int, rows: Window, cols: Window) -> Tensor:
+    """Upsample a fetched window `up` times (nearest), crop it and pad the border zeros."""
     if up > 1:  # an empty window (wholly in the padding) keeps its shape arithmetic
         x = (F.interpolate(x, scale_factor=float(up), mode="nearest") if x.numel() else
              x.new_empty(*x.shape[:2], up * x.shape[2], up * x.shape[3]))
     x = x[..., rows.crop[0]:rows.crop[1], cols.crop[0]:cols.crop[1]]
-    return conv.apply(F.pad(x, (cols.pad[0], cols.pad[1], rows.pad[0], rows.pad[1])))
+    return F.pad(x, (cols.pad[0], cols.pad[1], rows.pad[0], rows.pad[1]))
 
 
 def _conv_tile(ctx: Context, src: Feature, conv: ConvSpec, up: int, rows: Window, cols: Window,
                pre: Pointwise | None) -> Tensor:
-    """The conv's output on one tile, the batch split where the upsample would pass 2^31."""
+    """The conv's output on one tile, the batch split where the upsample would pass 2^31.
+
+    Each intermediate is dropped as soon as the next exists, so at most the window, its
+    upsampled copy and the padded one (or the padded one and the output) are alive at once.
+    """
     x = ctx.fetch(src, rows.read, cols.read)
     if pre is not None:
         x = pre(x)
-    if up == 1:
-        return _upsample_conv(x, conv, up, rows, cols)
-    per_sample = x[0].numel() * up * up
-    parts = [_upsample_conv(x[s], conv, up, rows, cols) for s in batch_slices(len(x), per_sample)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    slices = batch_slices(len(x), x[0].numel() * up * up) if up > 1 else [slice(None)]
+    if len(slices) == 1:
+        x = _padded_window(x, up, rows, cols)
+        return conv.apply(x)
+    return torch.cat([conv.apply(_padded_window(x[s], up, rows, cols)) for s in slices])
 
 
 def run_conv(ctx: Context, src: Feature, conv: ConvSpec, tile: int, *, pre: Pointwise | None = None,
@@ -124,5 +128,6 @@ def run_conv(ctx: Context, src: Feature, conv: ConvSpec, tile: int, *, pre: Poin
                 y = post(y)
             acc.add(y)
             out.data[..., o0:o1, p0:p1].copy_(y)
+            del y  # not alive while the next tile is computed
     out.stats = acc.result()
     return out
