@@ -48,7 +48,7 @@ class Context:
 
     def new_map(self, shape: tuple[int, ...], dtype: torch.dtype) -> Feature:
         """An empty full map, parked on the host or not as the offload mode decides."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         parked = parks_on_host(self.offload, self.device, nbytes)
         return Feature(allocate_map(shape, dtype, self.device, parked), parked)
 
