@@ -71,8 +71,8 @@ class Residual:
         x = ctx.fetch(self.feature, rows, cols)
         if self.shortcut is not None:
             x = self.shortcut.apply(x)
-        y = x + y
-        return y if self.out_scale == 1.0 else y / self.out_scale
+        y = y.add_(x)  # y is the conv's fresh output: in place saves a tile buffer
+        return y if self.out_scale == 1.0 else y.div_(self.out_scale)
 
 
 def _padded_window(x: Tensor, up: int, rows: Window, cols: Window) -> Tensor:
