@@ -17,6 +17,7 @@ from engine.models.tiling.geometry import ConvSpec, source_window, tile_ranges
 from engine.models.tiling.groupnorm import GroupStats, group_norm_tile, merge_all
 from engine.models.tiling.memory import batch_slices, parks_on_host
 from engine.models.tiling.stages import Context, Feature, Residual, run_conv
+from engine.models.tiling.trees import sequential_layers
 
 CPU = Context(torch.device("cpu"), "none")
 
@@ -142,3 +143,15 @@ def test_batch_slices_cover_the_batch_within_the_limit(monkeypatch):
     assert batch_slices(7, 100)[0] == slice(0, 7)
     with pytest.raises(ValueError, match="tile_size"):
         batch_slices(1, 1001)
+
+
+@pytest.mark.parametrize("module, words", [
+    (nn.Upsample(scale_factor=2, mode="bilinear"), "nearest"),
+    (nn.BatchNorm2d(3), "cannot walk"),
+    (nn.Conv2d(3, 3, 3, padding=2, dilation=2), "dilation"),
+])
+def test_unsupported_layers_are_refused_with_one_line(module, words):
+    seq = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), module, nn.Conv2d(3, 3, 3, padding=1))
+    with pytest.raises(ValueError) as info:
+        sequential_layers(seq, "decoder.layers")
+    assert words in str(info.value) and "\n" not in str(info.value)
