@@ -5,7 +5,7 @@ Every op has a pure-PyTorch reference `<op>_ref`; the backend is chosen in `kern
 """
 
 from kernels.dispatch import get_backend, set_backend, use_backend
-from kernels.group_norm_silu import group_norm_silu, group_norm_silu_ref
+from kernels.gn_silu import group_norm_silu, group_norm_silu_ref
 from kernels.kl import kl_divergence, kl_divergence_ref
 from kernels.reparam import reparameterize, reparameterize_ref
 from kernels.reparam_kl import reparameterize_kl, reparameterize_kl_ref

@@ -1,5 +1,5 @@
-"""Per-group tiling shared by the GroupNorm + SiLU kernels (kernels/group_norm_silu.py and
-group_norm_silu_bwd.py): the (N, C, HW) view of x and its strides, tile sizes, and how many
+"""Per-group tiling shared by the GroupNorm + SiLU kernels (kernels/gn_silu.py and
+gn_silu_bwd.py): the (N, C, HW) view of x and its strides, tile sizes, and how many
 programs share a group.
 
 x (N, C, *spatial) is read as (N, C, HW), HW = prod(spatial), with element strides

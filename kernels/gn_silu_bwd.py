@@ -1,4 +1,4 @@
-"""Backward of the fused GroupNorm + SiLU (the math is in kernels/group_norm_silu.py):
+"""Backward of the fused GroupNorm + SiLU (the math is in kernels/gn_silu.py):
     da = dy * s * (1 + a (1 - s)),  s = sigmoid(a),  a = gamma_c * xhat + beta_c
     dx = rstd * (da * gamma - mean_group(da * gamma) - xhat * mean_group(da * gamma * xhat))
     dgamma_c = sum over (n, hw) of da * xhat,   dbeta_c = sum over (n, hw) of da

@@ -22,7 +22,7 @@ normalise + SiLU loop. With few groups and big feature maps (an SD decoder at ba
 16 x 128 x 128 = 262k elements for 132 SMs on an H200) each group's pixels are split into S chunks:
 a stats kernel writes per-chunk (mean, M2), and each chunk's program merges the S partials before
 normalising its chunk. The backward splits the same way with per-chunk sums
-(kernels/group_norm_silu_bwd.py). `kernels._groups.launch_params` chooses S from the number of
+(kernels/gn_silu_bwd.py). `kernels._groups.launch_params` chooses S from the number of
 SMs (`kernels._groups.TUNING`).
 
 Memory traffic per element (s = bytes of the dtype): forward reads x twice and writes y, 3s (the
@@ -56,7 +56,7 @@ from kernels._groups import (
     offsets,
     param,
 )
-from kernels.group_norm_silu_bwd import _BWD
+from kernels.gn_silu_bwd import _BWD
 
 tl: Any = None  # bound to triton.language on first launch (kernels._common.LazyJit)
 
@@ -111,13 +111,13 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, ch0, CPG, hw_lo, hw_hi, m
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < CPG
         scale = tl.load(w_ptr + ch0 + c, mask=cmask, other=0.0).to(tl.float32) * rstd
-        shift = tl.load(b_ptr + ch0 + c, mask=cmask, other=0.0).to(tl.float32) - mean * scale
+        shift = tl.load(b_ptr + ch0 + c, mask=cmask, other=0.0).to(tl.float32)
         for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
             hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (hw < hw_hi)[None, :]
             offs = offsets(base, c, hw, stride_c, stride_hw)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            a = x * scale[:, None] + shift[:, None]  # (BLOCK_C, BLOCK_HW)
+            a = (x - mean) * scale[:, None] + shift[:, None]  # x - mean first: exact near mean
             tl.store(y_ptr + offs, (a * tl.sigmoid(a)).to(y_ptr.dtype.element_ty), mask=mask)
 
 
