@@ -91,8 +91,10 @@ def test_backward_matches_reference(channels_last: bool, dtype: torch.dtype) -> 
     check_against_reference(make_inputs((3, 6, 5, 7), dtype, channels_last), groups=2)
 
 
-@pytest.mark.parametrize(("dtype", "channels_last"),
-                         [(torch.float32, False), (torch.float32, True), (torch.float16, True)])  # fmt: skip
+SPLIT_CASES = [(torch.float32, False), (torch.float32, True), (torch.float16, True)]
+
+
+@pytest.mark.parametrize(("dtype", "channels_last"), SPLIT_CASES)
 def test_split_path_matches_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                       channels_last: bool) -> None:  # fmt: skip
     monkeypatch.setattr(_groups, "TUNING", SPLIT_TUNING)
