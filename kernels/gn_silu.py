@@ -15,15 +15,15 @@ The group means come from the per-channel sums of the first pass:
     mean_group(g) = sum_c gamma_c dbeta_nc / M,   mean_group(g xhat) = sum_c gamma_c dgamma_nc / M
 so the backward reads the group twice: per-channel sums, then dx.
 
-Programs: one per (n, g) with a loop over (BLOCK_C channels x BLOCK_HW pixels) tiles: statistics
-first (each tile's mean and centred sum of squares M2, merged into the running pair with Chan et
-al.'s parallel-variance formula: no cancellation for inputs with a large mean), then the
-normalise + SiLU loop. With few groups and big feature maps (an SD decoder at batch 1: 32 groups of
-16 x 128 x 128 = 262k elements for 132 SMs on an H200) each group's pixels are split into S chunks:
-a stats kernel writes per-chunk (mean, M2), and each chunk's program merges the S partials before
-normalising its chunk. The backward splits the same way with per-chunk sums
-(kernels/gn_silu_bwd.py). `kernels._groups.launch_params` chooses S from the number of
-SMs (`kernels._groups.TUNING`).
+Programs: one per (n, g) with a loop over (BLOCK_C channels x BLOCK_HW pixels) tiles:
+statistics first (Welford's update in every lane of the tile, the lanes merged at the end with
+Chan et al.'s parallel-variance formula: no E[x^2] - E[x]^2 cancellation for inputs with a large
+mean), then the normalise + SiLU loop. With few groups and big feature maps (an SD decoder at
+batch 1: 32 groups of 16 x 128 x 128 = 262k elements for 132 SMs on an H200) each group's pixels
+are split into S chunks: a stats kernel writes per-chunk (mean, M2), and each chunk's program
+merges the S partials before normalising its chunk. The backward splits the same way with
+per-chunk sums (kernels/gn_silu_bwd.py). `kernels._groups.launch_params` chooses S from the
+number of SMs (`kernels._groups.TUNING`).
 
 Memory traffic per element (s = bytes of the dtype): forward reads x twice and writes y, 3s (the
 second read of a group usually hits L2); eager GroupNorm then SiLU moves about 5s. Backward reads
@@ -64,12 +64,24 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @jit
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Merge two (mean, M2, count) triples (Chan et al. 1979); empty ones (count 0) vanish."""
+    n = n_a + n_b
+    w_b = tl.where(n == 0.0, 0.0, n_b / tl.maximum(n, 1.0))
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+@jit
 def _chunk_stats(x_ptr, base, CPG, hw_lo, hw_hi, stride_c, stride_hw,
                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):  # fmt: skip
-    """(mean, M2 = sum (x - mean)^2) over channels [0, CPG) x pixels [hw_lo, hw_hi) of a group."""
-    count = tl.zeros((), dtype=tl.float32)
-    mean = tl.zeros((), dtype=tl.float32)
-    m2 = tl.zeros((), dtype=tl.float32)
+    """(mean, M2 = sum (x - mean)^2) over channels [0, CPG) x pixels [hw_lo, hw_hi) of a group.
+
+    Every lane of the (BLOCK_C, BLOCK_HW) tile runs Welford's update over the loop (no
+    cross-thread reduction inside the loop); the lanes are merged once at the end."""
+    mean = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    count = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
@@ -77,14 +89,12 @@ def _chunk_stats(x_ptr, base, CPG, hw_lo, hw_hi, stride_c, stride_hw,
             mask = (c < CPG)[:, None] & (hw < hw_hi)[None, :]
             x = tl.load(x_ptr + offsets(base, c, hw, stride_c, stride_hw), mask=mask, other=0.0)
             x = x.to(tl.float32)
-            n_tile = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-            tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / n_tile
-            d = tl.where(mask, x - tile_mean, 0.0)
-            total = count + n_tile
-            delta = tile_mean - mean  # Chan et al.: merge (count, mean, m2) with the tile's
-            mean += delta * (n_tile / total)
-            m2 += tl.sum(tl.sum(d * d, axis=1), axis=0) + delta * delta * (count * n_tile / total)
-            count = total
+            count += mask.to(tl.float32)
+            delta = tl.where(mask, x - mean, 0.0)
+            mean += delta / tl.maximum(count, 1.0)
+            m2 += delta * tl.where(mask, x - mean, 0.0)
+    mean, m2, count = tl.reduce((mean, m2, count), 1, _welford_combine)  # (BLOCK_C,)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _welford_combine)
     return mean, m2
 
 
@@ -97,9 +107,8 @@ def _merge_partials(part_ptr, ng, S, CHUNK, HW, CPG, BLOCK_S: tl.constexpr):
     means = tl.load(row + i, mask=valid, other=0.0)
     m2s = tl.load(row + S + i, mask=valid, other=0.0)
     counts = tl.where(valid, tl.minimum(HW - i * CHUNK, CHUNK), 0).to(tl.float32) * CPG
-    mean = tl.sum(counts * means, axis=0) / tl.sum(counts, axis=0)
-    d = means - mean
-    return mean, tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)
+    mean, m2, _ = tl.reduce((means, m2s, counts), 0, _welford_combine)
+    return mean, m2
 
 
 @jit

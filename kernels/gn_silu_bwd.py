@@ -44,19 +44,20 @@ def _chunk_grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, dwb_ptr, C, base, ch0, CPG, hw
         cmask = c < CPG
         w = tl.load(w_ptr + ch0 + c, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + ch0 + c, mask=cmask, other=0.0).to(tl.float32)
-        dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        dgamma = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)  # per lane, reduced after
+        dbeta = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
         for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
             hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (hw < hw_hi)[None, :]
             offs = offsets(base, c, hw, stride_c, stride_hw)
             da, xhat = _silu_grad(dy_ptr, x_ptr, offs, mask, mean, rstd, w, b)
-            dgamma += tl.sum(da * xhat, axis=1)
-            dbeta += tl.sum(da, axis=1)
-        tl.store(dwb_ptr + ch0 + c, dgamma, mask=cmask)
-        tl.store(dwb_ptr + C + ch0 + c, dbeta, mask=cmask)
-        sum_g += tl.sum(w * dbeta, axis=0)
-        sum_gx += tl.sum(w * dgamma, axis=0)
+            dgamma += da * xhat
+            dbeta += da
+        dgamma_c, dbeta_c = tl.sum(dgamma, axis=1), tl.sum(dbeta, axis=1)  # (BLOCK_C,)
+        tl.store(dwb_ptr + ch0 + c, dgamma_c, mask=cmask)
+        tl.store(dwb_ptr + C + ch0 + c, dbeta_c, mask=cmask)
+        sum_g += tl.sum(w * dbeta_c, axis=0)
+        sum_gx += tl.sum(w * dgamma_c, axis=0)
     return sum_g, sum_gx
 
 
