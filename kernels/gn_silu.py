@@ -126,7 +126,8 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, ch0, CPG, hw_lo, hw_hi, m
             mask = cmask[:, None] & (hw < hw_hi)[None, :]
             offs = offsets(base, c, hw, stride_c, stride_hw)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            a = (x - mean) * scale[:, None] + shift[:, None]  # x - mean first: exact near mean
+            xc = tl.where(mask, x - mean, 0.0)  # x - mean first: exact near mean; 0 off the tile
+            a = xc * scale[:, None] + shift[:, None]  # (BLOCK_C, BLOCK_HW)
             tl.store(y_ptr + offs, (a * tl.sigmoid(a)).to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -25,7 +25,7 @@ def _silu_grad(dy_ptr, x_ptr, offs, mask, mean, rstd, w, b):
     """(da, xhat) of one tile: da = dy * silu'(a), a = w * xhat + b (w, b per channel)."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 outside: da = 0
-    xhat = (x - mean) * rstd
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)  # 0 off the tile: no overflow in exp
     a = xhat * w[:, None] + b[:, None]
     sig = tl.sigmoid(a)
     return dy * sig * (1.0 + a * (1.0 - sig)), xhat

@@ -110,6 +110,13 @@ def test_large_mean_small_spread() -> None:
     check_against_reference(inputs, groups=2)
 
 
+def test_constant_groups() -> None:
+    """Zero variance: rstd = 1 / sqrt(eps), xhat = 0, y = silu(beta)."""
+    x, weight, bias = make_inputs((2, 6, 3, 4), torch.float32, True)
+    x = (x[:, :, :1, :1] * 0 + randn(2, 6, 1, 1)).expand_as(x).contiguous()
+    check_against_reference((x, weight, bias), groups=6)
+
+
 def test_launcher_splits_few_big_groups() -> None:
     """SD decoder at batch 1 (32 groups of 16 x 128 x 128) splits; batch 16 does not."""
     device = torch.device("cpu")  # 132 SMs assumed: an H100 / H200
