@@ -19,9 +19,7 @@ It writes DIR/gpu_gn_silu.json and DIR/gpu_gn_silu.md.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +33,7 @@ from benchmarks.gpu_kernels import (
     environment,
     gn_bytes,
     make_call,
+    report_parser,
     time_ms,
 )
 from kernels import _groups
@@ -134,12 +133,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, type=Path, help="directory for the JSON and markdown")
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --small)")
-    p.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the script")
-    p.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset")
+    p = report_parser(__doc__)
     args = p.parse_args(argv)
     providers = [name for name in PROVIDERS if name in args.providers.split(",")]  # eager first
     if sorted(set(args.providers.split(",")) - set(PROVIDERS)) or "eager" not in providers:

@@ -406,13 +406,20 @@ def _fmt(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def report_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of the GPU report scripts: --out, --device, --small, --reps, --providers."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="directory for the JSON and markdown")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --small)")
     p.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the script")
     p.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = report_parser(__doc__)
     args = p.parse_args(argv)
     providers = [name for name in args.providers.split(",") if name]
     unknown = sorted(set(providers) - set(PROVIDERS))

@@ -6,7 +6,10 @@ Forward, x (N, C, *spatial) viewed as (N, G, C/G, HW); group (n, g) holds M = C/
     mu_g   = mean of x over the group,   var_g = mean of (x - mu_g)^2   (biased, as torch)
     rstd_g = 1 / sqrt(var_g + eps),      xhat  = (x - mu_g) * rstd_g
     a      = gamma_c * xhat + beta_c,    y     = silu(a) = a * sigmoid(a)
-mean and rstd, (N, G) float32, are saved for the backward; xhat and a are recomputed there.
+mean and rstd (float32) are saved for the backward; xhat and a are recomputed there. The
+statistics are taken of x - pivot (pivot: the group's first element) and the mean is kept as two
+floats, mean = hi + lo with hi = fp32(mean), so x - mean = (x - hi) - lo stays exact to fp32
+even when the mean is large against the spread.
 Backward, upstream gradient dy, s = sigmoid(a) (silu'(a) = s + a s (1 - s)):
     da       = dy * s * (1 + a (1 - s)),   g = da * gamma_c
     dx       = rstd_g * (g - mean_group(g) - xhat * mean_group(g * xhat))
@@ -73,9 +76,10 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @jit
-def _chunk_stats(x_ptr, base, CPG, hw_lo, hw_hi, stride_c, stride_hw,
+def _chunk_stats(x_ptr, base, pivot, CPG, hw_lo, hw_hi, stride_c, stride_hw,
                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):  # fmt: skip
-    """(mean, M2 = sum (x - mean)^2) over channels [0, CPG) x pixels [hw_lo, hw_hi) of a group.
+    """(mean of x - pivot, M2 = sum (x - mean)^2) over channels [0, CPG) x pixels [hw_lo, hw_hi)
+    of a group; pivot is an element of the group, so the shifted values are of the spread's size.
 
     Every lane of the (BLOCK_C, BLOCK_HW) tile runs Welford's update over the loop (no
     cross-thread reduction inside the loop); the lanes are merged once at the end."""
@@ -88,7 +92,7 @@ def _chunk_stats(x_ptr, base, CPG, hw_lo, hw_hi, stride_c, stride_hw,
             hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = (c < CPG)[:, None] & (hw < hw_hi)[None, :]
             x = tl.load(x_ptr + offsets(base, c, hw, stride_c, stride_hw), mask=mask, other=0.0)
-            x = x.to(tl.float32)
+            x = x.to(tl.float32) - pivot
             count += mask.to(tl.float32)
             delta = tl.where(mask, x - mean, 0.0)
             mean += delta / tl.maximum(count, 1.0)
@@ -100,7 +104,8 @@ def _chunk_stats(x_ptr, base, CPG, hw_lo, hw_hi, stride_c, stride_hw,
 
 @jit
 def _merge_partials(part_ptr, ng, S, CHUNK, HW, CPG, BLOCK_S: tl.constexpr):
-    """Group (mean, M2) from the S chunk partials part[ng, 0, :] (means), part[ng, 1, :] (M2)."""
+    """Group (mean, M2) from the S chunk partials part[ng, 0, :] (means), part[ng, 1, :] (M2)
+    (means of x - pivot, the same pivot for every chunk)."""
     i = tl.arange(0, BLOCK_S)
     valid = i < S
     row = part_ptr + ng.to(tl.int64) * 2 * S
@@ -112,10 +117,19 @@ def _merge_partials(part_ptr, ng, S, CHUNK, HW, CPG, BLOCK_S: tl.constexpr):
 
 
 @jit
-def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, ch0, CPG, hw_lo, hw_hi, mean, rstd,
-                     stride_c, stride_hw,
+def _two_sum(a, b):
+    """(hi, lo) with hi = fl(a + b) and hi + lo = a + b exactly (Knuth's TwoSum)."""
+    hi = a + b
+    b_part = hi - a
+    return hi, (a - (hi - b_part)) + (b - b_part)
+
+
+@jit
+def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, ch0, CPG, hw_lo, hw_hi, mean_hi, mean_lo,
+                     rstd, stride_c, stride_hw,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):  # fmt: skip
-    """y = silu(gamma * (x - mean) * rstd + beta) on channels ch0 + [0, CPG), pixels [lo, hi)."""
+    """y = silu(gamma * (x - mean) * rstd + beta) on channels ch0 + [0, CPG), pixels [lo, hi);
+    mean = mean_hi + mean_lo."""
     for c0 in range(0, CPG, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < CPG
@@ -126,7 +140,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, ch0, CPG, hw_lo, hw_hi, m
             mask = cmask[:, None] & (hw < hw_hi)[None, :]
             offs = offsets(base, c, hw, stride_c, stride_hw)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xc = tl.where(mask, x - mean, 0.0)  # x - mean first: exact near mean; 0 off the tile
+            xc = tl.where(mask, (x - mean_hi) - mean_lo, 0.0)  # exact near the mean; 0 off tile
             a = xc * scale[:, None] + shift[:, None]  # (BLOCK_C, BLOCK_HW)
             tl.store(y_ptr + offs, (a * tl.sigmoid(a)).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -134,7 +148,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, ch0, CPG, hw_lo, hw_hi, m
 @jit
 def _group_norm_silu_fwd_stats_kernel(
     x_ptr,  # *T (N, C, HW) input, strides below
-    part_ptr,  # *fp32 (N * G, 2, S) output per-chunk (mean, M2)
+    part_ptr,  # *fp32 (N * G, 2, S) output per-chunk (mean of x - pivot, M2)
     G, CPG, HW,  # groups, channels per group, pixels per channel
     CHUNK, S,  # pixels per chunk, chunks per group (grid axis 1)
     stride_n, stride_c, stride_hw,  # element strides of the (N, C, HW) view
@@ -143,7 +157,8 @@ def _group_norm_silu_fwd_stats_kernel(
     ng, s = tl.program_id(0), tl.program_id(1)
     base = (ng // G).to(tl.int64) * stride_n + (ng % G).to(tl.int64) * CPG * stride_c
     hw_lo = s * CHUNK
-    mean, m2 = _chunk_stats(x_ptr, base, CPG, hw_lo, tl.minimum(hw_lo + CHUNK, HW),
+    pivot = tl.load(x_ptr + base).to(tl.float32)  # the group's first element, for every chunk
+    mean, m2 = _chunk_stats(x_ptr, base, pivot, CPG, hw_lo, tl.minimum(hw_lo + CHUNK, HW),
                             stride_c, stride_hw, BLOCK_C, BLOCK_HW)  # fmt: skip
     row = part_ptr + ng.to(tl.int64) * 2 * S
     tl.store(row + s, mean)
@@ -156,7 +171,7 @@ def _group_norm_silu_fwd_kernel(
     w_ptr,  # *T (C,) gamma
     b_ptr,  # *T (C,) beta
     y_ptr,  # *T (N, C, HW) output, x's strides
-    mean_ptr,  # *fp32 (N * G,) output group means
+    mean_ptr,  # *fp32 (2, N * G) output group means as hi + lo (hi = fp32(mean))
     rstd_ptr,  # *fp32 (N * G,) output 1 / sqrt(var + eps)
     part_ptr,  # *fp32 (N * G, 2, S) chunk partials of the stats kernel (SPLIT only)
     G, CPG, HW,  # groups, channels per group, pixels per channel
@@ -170,17 +185,21 @@ def _group_norm_silu_fwd_kernel(
     ng, s = tl.program_id(0), tl.program_id(1)
     g = ng % G
     base = (ng // G).to(tl.int64) * stride_n + g.to(tl.int64) * CPG * stride_c
+    pivot = tl.load(x_ptr + base).to(tl.float32)  # statistics of x - pivot: no large-mean error
     if SPLIT:
-        mean, m2 = _merge_partials(part_ptr, ng, S, CHUNK, HW, CPG, BLOCK_S)
+        shifted, m2 = _merge_partials(part_ptr, ng, S, CHUNK, HW, CPG, BLOCK_S)
     else:
-        mean, m2 = _chunk_stats(x_ptr, base, CPG, 0, HW, stride_c, stride_hw, BLOCK_C, BLOCK_HW)
+        shifted, m2 = _chunk_stats(x_ptr, base, pivot, CPG, 0, HW, stride_c, stride_hw,
+                                   BLOCK_C, BLOCK_HW)  # fmt: skip
     numel = (tl.zeros((), dtype=tl.float32) + CPG) * HW  # float: no int32 overflow
     rstd = 1.0 / tl.sqrt(m2 / numel + eps)
-    tl.store(mean_ptr + ng, mean, mask=s == 0)
+    mean_hi, mean_lo = _two_sum(pivot, shifted)
+    tl.store(mean_ptr + ng, mean_hi, mask=s == 0)
+    tl.store(mean_ptr + tl.num_programs(0) + ng, mean_lo, mask=s == 0)
     tl.store(rstd_ptr + ng, rstd, mask=s == 0)
     hw_lo = s * CHUNK
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, g * CPG, CPG, hw_lo,
-                     tl.minimum(hw_lo + CHUNK, HW), mean, rstd, stride_c, stride_hw,
+                     tl.minimum(hw_lo + CHUNK, HW), mean_hi, mean_lo, rstd, stride_c, stride_hw,
                      BLOCK_C, BLOCK_HW)  # fmt: skip
 
 
@@ -189,8 +208,8 @@ def _fwd_impl(
 ) -> Triple:
     groups, cpg, hw, strides = flat_view(x, num_groups)
     y = torch.empty_like(x)  # x's layout (x is dense)
-    mean = torch.empty(x.shape[0], num_groups, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    mean = torch.empty(2, x.shape[0], num_groups, dtype=torch.float32, device=x.device)  # hi, lo
+    rstd = torch.empty_like(mean[0])
     if x.numel() == 0:
         return y, mean, rstd
     p = launch_params(groups, cpg, hw, x.device)
@@ -208,8 +227,8 @@ def _fwd_impl(
 def _fwd_fake(
     x: torch.Tensor, weight: Optional, bias: Optional, num_groups: int, eps: float
 ) -> Triple:
-    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    rstd = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty((2, *rstd.shape), dtype=torch.float32), rstd
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ tl: Any = None  # bound to triton.language on first launch (kernels._common.Lazy
 
 
 @jit
-def _silu_grad(dy_ptr, x_ptr, offs, mask, mean, rstd, w, b):
+def _silu_grad(dy_ptr, x_ptr, offs, mask, mean_hi, mean_lo, rstd, w, b):
     """(da, xhat) of one tile: da = dy * silu'(a), a = w * xhat + b (w, b per channel)."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # 0 outside: da = 0
-    xhat = tl.where(mask, (x - mean) * rstd, 0.0)  # 0 off the tile: no overflow in exp
+    xhat = tl.where(mask, ((x - mean_hi) - mean_lo) * rstd, 0.0)  # 0 off the tile
     a = xhat * w[:, None] + b[:, None]
     sig = tl.sigmoid(a)
     return dy * sig * (1.0 + a * (1.0 - sig)), xhat
@@ -33,7 +33,7 @@ def _silu_grad(dy_ptr, x_ptr, offs, mask, mean, rstd, w, b):
 
 @jit
 def _chunk_grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, dwb_ptr, C, base, ch0, CPG, hw_lo, hw_hi,
-                     mean, rstd, stride_c, stride_hw,
+                     mean_hi, mean_lo, rstd, stride_c, stride_hw,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):  # fmt: skip
     """Store per-channel sums of da * xhat (dwb_ptr[c]) and da (dwb_ptr[C + c]) over the chunk;
     return (sum of g, sum of g * xhat), g = da * gamma."""
@@ -50,7 +50,7 @@ def _chunk_grad_sums(dy_ptr, x_ptr, w_ptr, b_ptr, dwb_ptr, C, base, ch0, CPG, hw
             hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (hw < hw_hi)[None, :]
             offs = offsets(base, c, hw, stride_c, stride_hw)
-            da, xhat = _silu_grad(dy_ptr, x_ptr, offs, mask, mean, rstd, w, b)
+            da, xhat = _silu_grad(dy_ptr, x_ptr, offs, mask, mean_hi, mean_lo, rstd, w, b)
             dgamma += da * xhat
             dbeta += da
         dgamma_c, dbeta_c = tl.sum(dgamma, axis=1), tl.sum(dbeta, axis=1)  # (BLOCK_C,)
@@ -66,7 +66,7 @@ def _group_norm_silu_bwd_stats_kernel(
     dy_ptr,  # *T (N, C, HW) upstream gradient, x's strides
     x_ptr,  # *T (N, C, HW) input
     w_ptr, b_ptr,  # *T (C,) gamma, beta
-    mean_ptr, rstd_ptr,  # *fp32 (N * G,) saved statistics
+    mean_ptr, rstd_ptr,  # *fp32 (2, N * G) mean as hi + lo, (N * G,) rstd: saved statistics
     dwb_ptr,  # *fp32 (N * S, 2, C) output per-chunk sums of da * xhat and da per channel
     part_ptr,  # *fp32 (N * G, 2, S) output per-chunk (sum g, sum g * xhat)
     G, CPG, HW, CHUNK, S,  # as the forward
@@ -81,7 +81,8 @@ def _group_norm_silu_bwd_stats_kernel(
     sum_g, sum_gx = _chunk_grad_sums(
         dy_ptr, x_ptr, w_ptr, b_ptr, dwb_ptr + (n.to(tl.int64) * S + s) * 2 * C, C, base,
         g * CPG, CPG, hw_lo, tl.minimum(hw_lo + CHUNK, HW), tl.load(mean_ptr + ng),
-        tl.load(rstd_ptr + ng), stride_c, stride_hw, BLOCK_C, BLOCK_HW,
+        tl.load(mean_ptr + tl.num_programs(0) + ng), tl.load(rstd_ptr + ng), stride_c, stride_hw,
+        BLOCK_C, BLOCK_HW,
     )  # fmt: skip
     row = part_ptr + ng.to(tl.int64) * 2 * S
     tl.store(row + s, sum_g)
@@ -93,7 +94,7 @@ def _group_norm_silu_bwd_kernel(
     dy_ptr,  # *T (N, C, HW) upstream gradient, x's strides
     x_ptr,  # *T (N, C, HW) input
     w_ptr, b_ptr,  # *T (C,) gamma, beta
-    mean_ptr, rstd_ptr,  # *fp32 (N * G,) saved statistics
+    mean_ptr, rstd_ptr,  # *fp32 (2, N * G) mean as hi + lo, (N * G,) rstd: saved statistics
     dx_ptr,  # *T (N, C, HW) output dL/dx, x's strides
     dwb_ptr,  # *fp32 (N, 2, C) output per-channel sums (not SPLIT; the stats kernel's if SPLIT)
     part_ptr,  # *fp32 (N * G, 2, S) per-chunk sums of the stats kernel (SPLIT only)
@@ -106,7 +107,8 @@ def _group_norm_silu_bwd_kernel(
     ng, s = tl.program_id(0), tl.program_id(1)
     n, g = ng // G, ng % G
     base = n.to(tl.int64) * stride_n + g.to(tl.int64) * CPG * stride_c
-    mean, rstd = tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
+    mean_hi, rstd = tl.load(mean_ptr + ng), tl.load(rstd_ptr + ng)
+    mean_lo = tl.load(mean_ptr + tl.num_programs(0) + ng)
     if SPLIT:
         i = tl.arange(0, BLOCK_S)
         row = part_ptr + ng.to(tl.int64) * 2 * S
@@ -115,7 +117,7 @@ def _group_norm_silu_bwd_kernel(
     else:
         sum_g, sum_gx = _chunk_grad_sums(
             dy_ptr, x_ptr, w_ptr, b_ptr, dwb_ptr + n.to(tl.int64) * 2 * G * CPG, G * CPG, base,
-            g * CPG, CPG, 0, HW, mean, rstd, stride_c, stride_hw, BLOCK_C, BLOCK_HW,
+            g * CPG, CPG, 0, HW, mean_hi, mean_lo, rstd, stride_c, stride_hw, BLOCK_C, BLOCK_HW,
         )  # fmt: skip
     numel = (tl.zeros((), dtype=tl.float32) + CPG) * HW
     mean_g, mean_gx = sum_g / numel, sum_gx / numel
@@ -130,7 +132,7 @@ def _group_norm_silu_bwd_kernel(
             hw = hw0 + tl.arange(0, BLOCK_HW)
             mask = cmask[:, None] & (hw < hw_hi)[None, :]
             offs = offsets(base, c, hw, stride_c, stride_hw)
-            da, xhat = _silu_grad(dy_ptr, x_ptr, offs, mask, mean, rstd, w, b)
+            da, xhat = _silu_grad(dy_ptr, x_ptr, offs, mask, mean_hi, mean_lo, rstd, w, b)
             dx = rstd * (da * w[:, None] - mean_g - xhat * mean_gx)
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

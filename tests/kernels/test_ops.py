@@ -32,7 +32,7 @@ def _nhwc(*shape: int) -> torch.Tensor:
 
 
 def _gn_stats() -> tuple[torch.Tensor, torch.Tensor]:
-    return randn(2, 3), torch.rand(2, 3, device=DEVICE) + 0.5  # mean, rstd (N, G)
+    return randn(2, 2, 3), torch.rand(2, 3, device=DEVICE) + 0.5  # mean (hi, lo), rstd
 
 
 # op, a function building fresh sample arguments
