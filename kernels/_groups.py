@@ -22,7 +22,7 @@ from kernels._common import cdiv, jit, next_pow2
 tl: Any = None  # bound to triton.language on first launch (kernels._common.LazyJit)
 
 Optional = torch.Tensor | None
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # y or dx, then two (N, G) / (C,)
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (y, mean, rstd) or (dx, dgamma, dbeta)
 
 
 @jit

@@ -318,7 +318,8 @@ def group_norm_silu(
         eps: added to the variance before the square root.
 
     Returns:
-        y of x's shape, dtype and memory layout. Differentiable in x, weight and bias.
+        y of x's shape and dtype, in x's memory layout (contiguous if x was neither contiguous
+        nor channels-last). Differentiable in x, weight and bias.
     """
     _check(x, num_groups, weight, bias, eps)
     if not _triton_ok(x):
