@@ -111,6 +111,8 @@ def cases(full: bool) -> list[tuple[str, str, dict[str, Any]]]:
     out.append(("_vq_quantize_fwd_kernel", "fp16", {"QUANTIZE": False}))
     out.append(("_vq_quantize_bwd_kernel", "fp32", {"NEED_DE": False}))
     out += [(f"_group_norm_silu_{d}_kernel", "fp32", {"SPLIT": False}) for d in ("fwd", "bwd")]
+    out.append(("_group_norm_silu_fwd_kernel", "fp16",
+                {"BLOCK_C": 1, "BLOCK_HW": 4096, "SPLIT": False}))  # C == G  # fmt: skip
     if not full:
         out += [("_vq_quantize_fwd_kernel", dt, {}) for dt in ("bf16", "fp64")]
         out += [("_vq_quantize_bwd_kernel", "fp64", {}), ("_reparameterize_fwd_kernel", "bf16", {})]

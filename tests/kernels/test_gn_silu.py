@@ -201,6 +201,8 @@ BAD_INPUTS = [
     (lambda: (randn(2, 6, 3), 2, randn(5), None, 1e-5), ValueError, r"weight of shape \(C,\)"),
     (lambda: (randn(2, 6, 3), 2, None, randn(6, dtype=torch.float16), 1e-5), TypeError,
      "bias of x's dtype"),
+    (lambda: (randn(2, 6, 3), 2, torch.ones(6, device="meta"), None, 1e-5), ValueError,
+     "weight is on meta"),
     (lambda: (randn(2, 6, 3), 2, None, None, -1.0), ValueError, "eps as a finite float"),
     (lambda: (torch.ones(2, 6, 3, dtype=torch.int64), 2, None, None, 1e-5), TypeError, "dtype"),
     (lambda: ([[1.0]], 1, None, None, 1e-5), TypeError, "torch.Tensor"),
