@@ -14,6 +14,8 @@ One run does, on one device:
   4. the nearest-code search at N=65536, K=4096, D=64: Triton `vq_nearest` against
      torch.cdist + argmin and the reference (||e||^2 - 2 x e^T, argmin), TFLOP/s (2*N*K*D per
      call) and peak memory above the inputs.
+GroupNorm + SiLU is timed here at one SD-decoder shape (1, 512, 128, 128); the decoder's other
+shapes, fp16 and channels-last are in benchmarks/gpu_gn_silu.py.
 It writes DIR/gpu_kernels.json and DIR/gpu_kernels.md. Timing: CUDA events around each call,
 L2 flushed (a 256 MiB memset) before each call, warm-up calls first, the median reported.
 """
@@ -68,6 +70,20 @@ def _ema(sizes: dict[str, int], dtype: torch.dtype, device: torch.device) -> tup
     return x, torch.randint(0, sizes["K"], (sizes["N"],), device=device), sizes["K"]
 
 
+def _gn(sizes: dict[str, int], dtype: torch.dtype, device: torch.device) -> tuple[Any, ...]:
+    """x (N, C, H, W) (channels-last if sizes["CL"]), num_groups, gamma, beta."""
+    x = torch.randn(sizes["N"], sizes["C"], sizes["H"], sizes["W"], device=device).to(dtype)
+    x = x.to(memory_format=torch.channels_last) if sizes.get("CL") else x
+    weight = (1 + 0.1 * torch.randn(sizes["C"], device=device)).to(dtype)
+    bias = (0.1 * torch.randn(sizes["C"], device=device)).to(dtype)
+    return x.requires_grad_(), sizes["G"], weight.requires_grad_(), bias.requires_grad_()
+
+
+def gn_bytes(s: dict[str, int], item: int, mode: str) -> float:
+    """Compulsory traffic: read x, write y (fwd); + read dy, x, write dx (bwd); 2s or 5s."""
+    return s["N"] * s["C"] * s["H"] * s["W"] * item * (5 if mode == "fwdbwd" else 2)
+
+
 def _n(s: dict[str, int]) -> int:
     return s["B"] * s["D"]
 
@@ -98,13 +114,19 @@ OPS: dict[str, OpSpec] = {
         lambda s, i, m: s["N"] * s["D"] * i + 8 * s["N"] + 4 * s["K"] * (s["D"] + 1),
         differentiable=False,
     ),
+    "group_norm_silu": OpSpec("group_norm_silu", _gn, kernels.group_norm_silu,
+                              kernels.group_norm_silu_ref, gn_bytes),
 }  # fmt: skip
 
-SIZES_GPU = {"latent": {"B": 16384, "D": 1024}, "vq": {"N": 65536, "K": 4096, "D": 64}}
-SIZES_SMALL = {"latent": {"B": 64, "D": 48}, "vq": {"N": 256, "K": 64, "D": 16}}
+SIZES_GPU = {"latent": {"B": 16384, "D": 1024}, "vq": {"N": 65536, "K": 4096, "D": 64},
+             "gn": {"N": 1, "C": 512, "H": 128, "W": 128, "G": 32}}  # SD decoder, batch 1
+SIZES_SMALL = {"latent": {"B": 64, "D": 48}, "vq": {"N": 256, "K": 64, "D": 16},
+               "gn": {"N": 2, "C": 16, "H": 12, "W": 10, "G": 4}}  # fmt: skip
 
 
 def sizes_for(op: str, table: dict[str, dict[str, int]]) -> dict[str, int]:
+    if op == "group_norm_silu":
+        return table["gn"]
     return table["vq" if op.startswith("vq") else "latent"]
 
 
@@ -384,13 +406,20 @@ def _fmt(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def report_parser(description: str) -> argparse.ArgumentParser:
+    """The flags of the GPU report scripts: --out, --device, --small, --reps, --providers."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="directory for the JSON and markdown")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --small)")
     p.add_argument("--small", action="store_true", help="tiny shapes: a smoke test of the script")
     p.add_argument("--reps", type=int, default=30, help="timed calls per measurement")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = report_parser(__doc__)
     args = p.parse_args(argv)
     providers = [name for name in args.providers.split(",") if name]
     unknown = sorted(set(providers) - set(PROVIDERS))

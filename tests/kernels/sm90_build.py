@@ -28,17 +28,27 @@ POINTERS: dict[str, dict[str, str]] = {
     "_vq_quantize_fwd_kernel": {"idx_ptr": "*i64", "sqerr_ptr": "ACC"},
     "_vq_quantize_bwd_kernel": {"coef_ptr": "ACC", "idx_ptr": "*i64", "de_ptr": "ACC"},
     "_vq_ema_update_fwd_kernel": {"idx_ptr": "*i64", "counts_ptr": "*fp32", "sums_ptr": "*fp32"},
-}
+    "_group_norm_silu_fwd_stats_kernel": {"part_ptr": "*fp32"},
+    "_group_norm_silu_fwd_kernel": {"mean_ptr": "*fp32", "rstd_ptr": "*fp32", "part_ptr": "*fp32"},
+    "_group_norm_silu_bwd_stats_kernel": {"mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                                          "dwb_ptr": "*fp32", "part_ptr": "*fp32"},
+    "_group_norm_silu_bwd_kernel": {"mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dwb_ptr": "*fp32",
+                                    "part_ptr": "*fp32"},
+}  # fmt: skip
+FLOAT_ARGS = {"eps"}  # scalar arguments passed as Python floats
+NO_FP64 = {name for name in POINTERS if "group_norm" in name}  # fp16 / bf16 / fp32 kernels
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
 
 
 def _kernels() -> dict[str, tuple[Any, dict[str, Any]]]:
     """name -> (LazyJit kernel, constexprs other than IS_FP64)."""
-    from kernels import kl, reparam, reparam_kl, vq, vq_ema
+    from kernels import gn_silu, gn_silu_bwd, kl, reparam, reparam_kl, vq, vq_ema
 
     vq_fwd = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 64, "QUANTIZE": True, "PRECISION": "ieee"}
     rows, flat = {"BLOCK_R": 32, "BLOCK_D": 128}, {"BLOCK": 1024}
     tiles = {"BLOCK_N": 64, "BLOCK_D": 64}
+    gn = {"BLOCK_C": 16, "BLOCK_HW": 256}  # SD decoder: 512 channels in 32 groups
+    gn_split = {**gn, "BLOCK_S": 8, "SPLIT": True}
     return {
         "_reparameterize_fwd_kernel": (reparam._reparameterize_fwd_kernel, flat),
         "_reparameterize_bwd_kernel": (reparam._reparameterize_bwd_kernel, flat),
@@ -49,6 +59,10 @@ def _kernels() -> dict[str, tuple[Any, dict[str, Any]]]:
         "_vq_quantize_fwd_kernel": (vq._vq_quantize_fwd_kernel, vq_fwd),
         "_vq_quantize_bwd_kernel": (vq._vq_quantize_bwd_kernel, {**tiles, "NEED_DE": True}),
         "_vq_ema_update_fwd_kernel": (vq_ema._vq_ema_update_fwd_kernel, tiles),
+        "_group_norm_silu_fwd_stats_kernel": (gn_silu._group_norm_silu_fwd_stats_kernel, gn),
+        "_group_norm_silu_fwd_kernel": (gn_silu._group_norm_silu_fwd_kernel, gn_split),
+        "_group_norm_silu_bwd_stats_kernel": (gn_silu_bwd._group_norm_silu_bwd_stats_kernel, gn),
+        "_group_norm_silu_bwd_kernel": (gn_silu_bwd._group_norm_silu_bwd_kernel, gn_split),
     }  # fmt: skip
 
 
@@ -58,6 +72,8 @@ def _signature(fn: Any, name: str, dtype: str) -> dict[str, str]:
     for i, arg in enumerate(fn.arg_names):
         if i in fn.constexprs:
             sig[arg] = "constexpr"
+        elif arg in FLOAT_ARGS:
+            sig[arg] = "fp32"
         elif arg.endswith("_ptr"):
             ty = POINTERS[name].get(arg, DTYPES[dtype])
             sig[arg] = acc if ty == "ACC" else ty
@@ -89,13 +105,19 @@ def build(name: str, dtype: str, extra: dict[str, Any]) -> str:
 
 def cases(full: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """Every kernel in fp32 plus the variants that lower differently; `full`: every dtype."""
-    out = [(name, dtype, {}) for name in POINTERS for dtype in (DTYPES if full else ["fp32"])]
+    out = [(name, dtype, {}) for name in POINTERS for dtype in (DTYPES if full else ["fp32"])
+           if not (dtype == "fp64" and name in NO_FP64)]  # fmt: skip
     out.append(("_vq_quantize_fwd_kernel", "fp32", {"PRECISION": "tf32"}))
     out.append(("_vq_quantize_fwd_kernel", "fp16", {"QUANTIZE": False}))
     out.append(("_vq_quantize_bwd_kernel", "fp32", {"NEED_DE": False}))
+    out += [(f"_group_norm_silu_{d}_kernel", "fp32", {"SPLIT": False}) for d in ("fwd", "bwd")]
+    out.append(("_group_norm_silu_fwd_kernel", "fp16",
+                {"BLOCK_C": 1, "BLOCK_HW": 4096, "SPLIT": False}))  # C == G  # fmt: skip
     if not full:
         out += [("_vq_quantize_fwd_kernel", dt, {}) for dt in ("bf16", "fp64")]
         out += [("_vq_quantize_bwd_kernel", "fp64", {}), ("_reparameterize_fwd_kernel", "bf16", {})]
+        out += [(f"_group_norm_silu_{d}_kernel", dt, {}) for d, dt in (("fwd", "bf16"),
+                                                                        ("bwd", "fp16"))]
     return out
 
 

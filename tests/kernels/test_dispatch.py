@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import dispatch, kl, reparam, reparam_kl, vq, vq_ema
+from kernels import dispatch, gn_silu, kl, reparam, reparam_kl, vq, vq_ema
 from tests.kernels.conftest import DEVICE, randn
 
 
@@ -58,6 +58,7 @@ def test_torch_backend_calls_every_reference(monkeypatch: pytest.MonkeyPatch) ->
         "vq_nearest_ref": _spy(monkeypatch, vq, "vq_nearest_ref"),
         "vq_quantize_ref": _spy(monkeypatch, vq, "vq_quantize_ref"),
         "vq_ema_update_ref": _spy(monkeypatch, vq_ema, "vq_ema_update_ref"),
+        "group_norm_silu_ref": _spy(monkeypatch, gn_silu, "group_norm_silu_ref"),
     }
     mu, logvar, x, codebook = randn(4, 3), randn(4, 3), randn(10, 3), randn(5, 3)
     with kernels.use_backend("torch"):
@@ -67,6 +68,7 @@ def test_torch_backend_calls_every_reference(monkeypatch: pytest.MonkeyPatch) ->
         idx = kernels.vq_nearest(x, codebook)
         kernels.vq_quantize(x, codebook)
         kernels.vq_ema_update(x, idx, 5)
+        kernels.group_norm_silu(randn(2, 4, 3, 3), 2)
     uncalled = [name for name, calls in spies.items() if not calls]
     assert uncalled == []  # vq_nearest_ref runs twice: vq_quantize_ref uses it
 
@@ -123,6 +125,8 @@ mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
 z, kl = kernels.reparameterize_kl(mu, logvar, seed=1)
 q, idx, loss = kernels.vq_quantize(torch.randn(8, 3), torch.randn(5, 3))
 counts, sums = kernels.vq_ema_update(torch.randn(8, 3), idx, 5)
+y = kernels.group_norm_silu(torch.randn(2, 4, 3, 3), 2, torch.randn(4), torch.randn(4))
+assert y.shape == (2, 4, 3, 3)
 assert kernels.reparameterize(mu, logvar).shape == (4, 3) and kl.shape == (4,)
 try:
     with kernels.use_backend("triton"):

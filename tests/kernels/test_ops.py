@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import kl, reparam, reparam_kl, vq, vq_ema
+from kernels import gn_silu, gn_silu_bwd, kl, reparam, reparam_kl, vq, vq_ema
 from kernels._common import OpPair
 from tests.kernels.conftest import DEVICE, randn
 
@@ -25,6 +25,14 @@ def _seed() -> torch.Tensor:
 
 def _grad(*shape: int) -> torch.Tensor:
     return randn(*shape).requires_grad_()
+
+
+def _nhwc(*shape: int) -> torch.Tensor:
+    return randn(*shape).to(memory_format=torch.channels_last)
+
+
+def _gn_stats() -> tuple[torch.Tensor, torch.Tensor]:
+    return randn(2, 2, 3), torch.rand(2, 3, device=DEVICE) + 0.5  # mean (hi, lo), rstd
 
 
 # op, a function building fresh sample arguments
@@ -40,6 +48,9 @@ CASES: list[tuple[OpPair, Any]] = [
     (vq._BWD, lambda: (randn(9, 3), randn(), randn(9, 3), randn(4, 3),
                        torch.randint(0, 4, (9,), device=DEVICE), 0.25, True)),  # fmt: skip
     (vq_ema._FWD, lambda: (randn(9, 3), torch.randint(0, 4, (9,), device=DEVICE), 4)),
+    (gn_silu._FWD, lambda: (_nhwc(2, 6, 3, 5).requires_grad_(), _grad(6), None, 3, 1e-5)),
+    (gn_silu_bwd._BWD, lambda: (randn(2, 6, 7), randn(2, 6, 7), randn(6), randn(6),
+                                *_gn_stats(), 3)),  # fmt: skip
 ]
 
 
