@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engine.runtime import Sampler, SamplerError
+from engine.runtime import Sampler
 from engine.serving.batcher import DynamicBatcher
 from engine.serving.codec import RequestError
 from engine.serving.metrics import Metrics
+from export import manifest
 
 LABEL_FIELD = "labels"  # the query / .npz field of per-row class labels (X-Labels: the header)
 
@@ -61,6 +62,15 @@ def shape_fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool
         e is None or e <= 0 or s == e for s, e in zip(shape, expected))
 
 
+def manifest_input_dtypes(artifact: Path) -> dict[str, np.dtype]:
+    """name -> dtype of an artifact's inputs, from the manifest beside it ({} without one)."""
+    try:
+        entry = manifest.read(artifact.parent).get("artifacts", {}).get(artifact.name) or {}
+        return {s["name"]: np.dtype(s["dtype"]) for s in entry.get("inputs", [])}
+    except (manifest.ManifestError, KeyError, TypeError):  # no usable manifest: no dtype check
+        return {}
+
+
 def is_image_spec(spec: Any) -> bool:
     """Whether the decoder's output is one image tensor (C, H, W) with 1 or 3 channels."""
     shape = tuple(spec.output_shape)
@@ -76,6 +86,7 @@ class ModelService:
         self.sampler: Sampler | None = None
         self.status, self.error = "loading", ""
         self.encode_error: str | None = None
+        self.input_dtypes: dict[str, np.dtype] = {}  # the decoder's, where a manifest says
         delay = config.max_delay_ms / 1000
         common = {"max_batch": config.max_batch, "max_delay_s": delay,
                   "max_queue": config.max_queue, "executor": self.executor}
@@ -113,14 +124,15 @@ class ModelService:
         self.sampler = Sampler.load(c.artifact, backend=c.backend, device=c.device,
                                     compile=c.compile, threads=c.threads)
         spec = self.sampler.spec
+        self.input_dtypes = manifest_input_dtypes(Path(self.sampler.artifact))
         if not spec.extra_inputs:  # extra inputs (a crystal's mask) have no neutral value
             for rows in sorted({1, c.max_batch}):
                 self._decode(self._with_labels((as_numpy(self.sampler.latents(rows, 0)),)))
         x = np.zeros((1, *spec.output_shape), np.float32)
-        try:
+        try:  # a probe: no encoder exported, or one the runtime cannot feed (a crystal's)
             self._encode(self._with_labels((x,)))
-        except (SamplerError, ValueError, TypeError, RuntimeError) as e:
-            self.encode_error = str(e)
+        except Exception as e:  # backends raise their own types (ORT's InvalidArgument, ...)
+            self.encode_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
     def _with_labels(self, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
         if not self.spec.conditional:
@@ -176,6 +188,9 @@ class ModelService:
             if a.shape[:1] != z.shape[:1]:
                 raise RequestError(f"input {name!r} has shape {a.shape}; it needs the latent's"
                                    f" {z.shape[0]} rows")
+            want = self.input_dtypes.get(name, a.dtype)
+            if a.dtype != want:
+                raise RequestError(f"input {name!r} must have dtype {want}, got {a.dtype}")
             inputs += (a,)
         return inputs
 
