@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from engine.runtime import SamplerError, resolve
 
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:  # the artifact is only loaded once the server is up: refuse a bad path right away
+        if not Path(args.artifact).exists():
+            raise SamplerError(f"{args.artifact} does not exist; pass an export directory, an"
+                               " .onnx/.engine/.pt2 file or a checkpoint/run directory")
         resolve(args.artifact, None if args.backend == "compile" else args.backend, args.device)
     except SamplerError as e:
         print(f"error: {e}", file=sys.stderr)

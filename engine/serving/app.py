@@ -109,12 +109,12 @@ async def _unless_gone(request: Request, work: Awaitable[Any]) -> Any:
     """The result of `work`, or ClientGone (and `work` cancelled: its rows leave the batch)."""
     job, watch = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled
         watch.cancel()
         if not job.done():
             job.cancel()
-    if job.cancelled():
+    if job not in done:
         raise ClientGone
     return job.result()
 
@@ -305,9 +305,12 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
     holder["server"] = server = uvicorn.Server(uv)
     # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler
     # makes that a normal return, so a drained shutdown exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
+    before = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     if failed:
         print(f"error: the model did not load: {failed[0]}", file=sys.stderr)
         return 1
