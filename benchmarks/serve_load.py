@@ -1,0 +1,243 @@
+"""Load test of `python -m engine.serve`: dynamic batching on vs off, 1 / 8 / 64 clients.
+
+    python benchmarks/serve_load.py              # full: 3 repetitions, docs/results/serve_load.*
+    python benchmarks/serve_load.py --quick      # 1 repetition, fewer requests (~1 min)
+
+Builds the MLP and Conv decoders of the presets (mlp-mnist, conv-mnist) with random weights
+(speed does not depend on the values), exports their decoders to ONNX, and for each decoder
+and mode starts the server as a subprocess on a free 127.0.0.1 port:
+    batching   --max-batch 64 --max-delay-ms 2
+    none       --max-batch 1  --max-delay-ms 0   (every request is its own model call)
+both with --threads 1 (ONNX Runtime intra-op threads: one core for the model thread, the other
+for the event loop and this client; two intra-op threads on two shared cores oversubscribe).
+C concurrent clients (one asyncio task each, sharing one httpx.AsyncClient) each send one-row
+decode requests back to back, until --requests requests are answered or --seconds pass; a
+warm-up of 2 C requests comes first. Reported per (decoder, mode, C), medians over
+--reps repetitions: throughput (requests/s), client-side p50 / p99 latency, and the mean batch
+size (rows per model call, from the server's /metrics over the measured window).
+Goal: at 64 clients, batching gives >= 3x the throughput of no batching for the Conv decoder,
+with a p99 no worse. Bounded in requests and time; talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECTS = {"mlp": ("mlp", "mlp-mnist"), "conv": ("conv", "conv-mnist")}
+MODES = {"batching": ("--max-batch", "64", "--max-delay-ms", "2"),
+         "none": ("--max-batch", "1", "--max-delay-ms", "0")}
+CLIENTS = (1, 8, 64)
+
+
+def export_decoders(root: Path) -> dict[str, Path]:
+    """subject -> decoder.onnx of a randomly initialised preset model."""
+    import torch
+
+    from engine.checkpoint import save
+    from engine.models import build_model
+    from export.onnx import export_onnx
+
+    out = {}
+    for subject, (family, preset) in SUBJECTS.items():
+        torch.manual_seed(0)
+        run = root / subject
+        save(run / "last", build_model(family, preset=preset).eval())
+        out[subject] = export_onnx(run, parts="decoder", batches=(1, 7))["decoder"]
+    return out
+
+
+def start_server(artifact: Path, mode: str, threads: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "engine.serve", str(artifact), "--port", "0", "--threads",
+           str(threads), *MODES[mode]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"})
+    found = re.search(r"http://127\.0\.0\.1:(\d+)/", proc.stdout.readline())
+    if not found:
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {' '.join(cmd)}")
+    url = f"http://127.0.0.1:{found.group(1)}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{url} was not ready within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def batch_rows(metrics_text: str) -> np.ndarray:
+    """(rows, calls) of the decode model calls so far, from a /metrics exposition."""
+    values = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name.startswith("vae_serve_batch_rows_") and s.labels.get("op") == "decode":
+                values[s.name] = s.value
+    return np.array([values.get("vae_serve_batch_rows_sum", 0.0),
+                     values.get("vae_serve_batch_rows_count", 0.0)])
+
+
+async def drive(url: str, body: bytes, clients: int, requests: int, seconds: float) -> dict:
+    """`requests` one-row decodes (or `seconds`) from `clients` tasks, after a warm-up."""
+    headers = {"Content-Type": "application/x-npy"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        async def one() -> float:
+            start = time.perf_counter()
+            r = await client.post("/v1/decode", content=body, headers=headers)
+            if r.status_code != 200:
+                raise RuntimeError(f"decode answered {r.status_code}: {r.text[:200]}")
+            return time.perf_counter() - start
+
+        await asyncio.gather(*(one() for _ in range(2 * clients)))  # warm-up, connections
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+        remaining = [requests]
+
+        async def worker() -> None:
+            while remaining[0] > 0 and time.perf_counter() < deadline:
+                remaining[0] -= 1
+                latencies.append(await one())
+
+        before = batch_rows((await client.get("/metrics")).text)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        rows, calls = batch_rows((await client.get("/metrics")).text) - before
+    ms = np.array(latencies) * 1e3
+    return {"requests": len(latencies), "seconds": wall, "throughput": len(latencies) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_batch": float(rows / max(calls, 1))}
+
+
+def npy_body(latent: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(0).standard_normal((1, latent)).astype(np.float32))
+    return buf.getvalue()
+
+
+def run(args: argparse.Namespace) -> dict:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        decoders = export_decoders(Path(tmp))
+        latent = {"mlp": 20, "conv": 128}
+        for subject, path in decoders.items():
+            body = npy_body(latent[subject])
+            for mode in MODES:
+                reps: dict[int, list[dict]] = {c: [] for c in CLIENTS}
+                for _ in range(args.reps):  # a fresh server per repetition
+                    proc, url = start_server(path, mode, args.threads)
+                    try:
+                        for c in CLIENTS:
+                            reps[c].append(asyncio.run(drive(url, body, c, args.requests,
+                                                              args.seconds)))
+                            print(f"{subject:5s} {mode:8s} C={c:3d}: "
+                                  f"{reps[c][-1]['throughput']:8.0f} req/s", flush=True)
+                    finally:
+                        stop_server(proc)
+                for c in CLIENTS:
+                    results.append(summarize(subject, mode, c, reps[c]))
+    return {"meta": meta(args), "results": results, "goal": goal(results)}
+
+
+def summarize(subject: str, mode: str, clients: int, reps: list[dict]) -> dict:
+    med = lambda key: statistics.median(r[key] for r in reps)
+    return {"decoder": subject, "mode": mode, "clients": clients,
+            "throughput": med("throughput"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
+            "mean_batch": med("mean_batch"), "reps": reps}
+
+
+def goal(results: list[dict]) -> dict:
+    pick = {(r["decoder"], r["mode"], r["clients"]): r for r in results}
+    on, off = pick[("conv", "batching", 64)], pick[("conv", "none", 64)]
+    ratio = on["throughput"] / off["throughput"]
+    return {"conv_64_clients_throughput_ratio": ratio, "target_ratio": 3.0,
+            "p99_batching_ms": on["p99_ms"], "p99_none_ms": off["p99_ms"],
+            "met": ratio >= 3.0 and on["p99_ms"] <= off["p99_ms"]}
+
+
+def meta(args: argparse.Namespace) -> dict:
+    import onnxruntime
+    import starlette
+    import torch
+    import uvicorn
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                            capture_output=True).stdout.strip()
+    return {"cpu": f"{platform.processor() or platform.machine()} x{os.cpu_count()}",
+            "load_average": os.getloadavg(), "commit": commit, "threads": args.threads,
+            "requests": args.requests, "seconds": args.seconds, "reps": args.reps,
+            "modes": {k: " ".join(v) for k, v in MODES.items()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "onnxruntime": onnxruntime.__version__, "uvicorn": uvicorn.__version__,
+                         "starlette": starlette.__version__, "httpx": httpx.__version__}}
+
+
+def table(report: dict) -> str:
+    rows = ["| decoder | mode | clients | req/s | p50 ms | p99 ms | mean batch |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        rows.append(f"| {r['decoder']} | {r['mode']} | {r['clients']} | {r['throughput']:.0f} |"
+                    f" {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['mean_batch']:.1f} |")
+    g = report["goal"]
+    ratio = g["conv_64_clients_throughput_ratio"]
+    rows.append(f"\nConv, 64 clients: batching / none = {ratio:.2f}x throughput (goal >= 3x);"
+                f" p99 {g['p99_batching_ms']:.1f} ms vs"
+                f" {g['p99_none_ms']:.1f} ms; goal met: {g['met']}")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 repetition, 400 requests, 10 s cap")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=3000, help="per (decoder, mode, clients)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="time cap per measurement")
+    ap.add_argument("--threads", type=int, default=1, help="the server's --threads")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "serve_load"),
+                    help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.reps, args.requests, args.seconds = 1, 400, 10.0
+    report = run(args)
+    text = table(report)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
