@@ -10,9 +10,10 @@ and mode starts the server as a subprocess on a free 127.0.0.1 port:
     none       --max-batch 1  --max-delay-ms 0   (every request is its own model call)
 both with --threads 1 (ONNX Runtime intra-op threads: one core for the model thread, the other
 for the event loop and this client; two intra-op threads on two shared cores oversubscribe).
-C concurrent clients (one asyncio task each, sharing one httpx.AsyncClient) each send one-row
-decode requests back to back, until --requests requests are answered or --seconds pass; a
-warm-up of 2 C requests comes first. Reported per (decoder, mode, C), medians over
+C concurrent clients (asyncio tasks, one keep-alive connection each: `Connection`, a minimal
+HTTP/1.1 client, because httpx's own cost at 64 connections swamps these two cores) each send
+one-row decode requests back to back, until --requests requests are answered or --seconds pass;
+a warm-up of 2 C requests comes first. Reported per (decoder, mode, C), medians over
 --reps repetitions: throughput (requests/s), client-side p50 / p99 latency, and the mean batch
 size (rows per model call, from the server's /metrics over the measured window).
 Goal: at 64 clients, batching gives >= 3x the throughput of no batching for the Conv decoder,
@@ -106,37 +107,99 @@ def batch_rows(metrics_text: str) -> np.ndarray:
                      values.get("vae_serve_batch_rows_count", 0.0)])
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: a request is one write and a
+    read of the status line, headers and Content-Length body. httpx.AsyncClient costs far more
+    per request at 64 connections (its pool is scanned per request: 63 req/s against 471 with
+    this client, same server, measured here), so it would measure the client, not the server."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+        return status, await self.reader.readexactly(int(length.group(1)) if length else 0)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def http_request(method: str, path: str, body: bytes = b"") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-npy"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 async def drive(url: str, body: bytes, clients: int, requests: int, seconds: float) -> dict:
-    """`requests` one-row decodes (or `seconds`) from `clients` tasks, after a warm-up."""
-    headers = {"Content-Type": "application/x-npy"}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        async def one() -> float:
-            start = time.perf_counter()
-            r = await client.post("/v1/decode", content=body, headers=headers)
-            if r.status_code != 200:
-                raise RuntimeError(f"decode answered {r.status_code}: {r.text[:200]}")
-            return time.perf_counter() - start
+    """`requests` one-row decodes (or `seconds`) from `clients` connections, after a warm-up
+    of two requests per connection; the mean batch size from /metrics over the window."""
+    port = int(url.rsplit(":", 1)[1])
+    decode, metrics = http_request("POST", "/v1/decode", body), http_request("GET", "/metrics")
+    conns = [await Connection.open(port) for _ in range(clients)]
 
-        await asyncio.gather(*(one() for _ in range(2 * clients)))  # warm-up, connections
-        latencies: list[float] = []
-        deadline = time.perf_counter() + seconds
-        remaining = [requests]
-
-        async def worker() -> None:
-            while remaining[0] > 0 and time.perf_counter() < deadline:
-                remaining[0] -= 1
-                latencies.append(await one())
-
-        before = batch_rows((await client.get("/metrics")).text)
+    async def one(conn: Connection) -> float:
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-        rows, calls = batch_rows((await client.get("/metrics")).text) - before
+        status, reply = await conn.request(decode)
+        if status != 200:
+            raise RuntimeError(f"decode answered {status}: {reply[:200]!r}")
+        return time.perf_counter() - start
+
+    async def warm(conn: Connection) -> None:
+        for _ in range(2):
+            await one(conn)
+
+    await asyncio.gather(*(warm(c) for c in conns))
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    remaining = [requests]
+
+    async def worker(conn: Connection) -> None:
+        while remaining[0] > 0 and time.perf_counter() < deadline:
+            remaining[0] -= 1
+            latencies.append(await one(conn))
+
+    before = batch_rows((await conns[0].request(metrics))[1].decode())
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    wall = time.perf_counter() - start
+    rows, calls = batch_rows((await conns[0].request(metrics))[1].decode()) - before
+    for c in conns:
+        c.close()
     ms = np.array(latencies) * 1e3
     return {"requests": len(latencies), "seconds": wall, "throughput": len(latencies) / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_batch": float(rows / max(calls, 1))}
+
+
+def model_ceiling(path: Path, latent: int, threads: int, reps: int = 5) -> dict:
+    """The decoder alone (Sampler.decode, same --threads), batch 1 vs 64: the per-row time
+    ratio is the most batching can gain when the model is the bottleneck."""
+    import torch
+
+    from engine.runtime import Sampler
+
+    sampler = Sampler.load(path, device="cpu", threads=threads)
+    per_row = {}
+    for batch in (1, 64):
+        z = torch.randn(batch, latent)
+        calls = max(1, 256 // batch)
+        for _ in range(3):
+            sampler.decode(z)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(calls):
+                sampler.decode(z)
+            times.append((time.perf_counter() - start) / (calls * batch))
+        per_row[batch] = statistics.median(times)
+    return {"us_per_row_b1": per_row[1] * 1e6, "us_per_row_b64": per_row[64] * 1e6,
+            "ratio": per_row[1] / per_row[64]}
 
 
 def npy_body(latent: int) -> bytes:
@@ -146,11 +209,12 @@ def npy_body(latent: int) -> bytes:
 
 
 def run(args: argparse.Namespace) -> dict:
-    results = []
+    results, ceilings = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         decoders = export_decoders(Path(tmp))
         latent = {"mlp": 20, "conv": 128}
         for subject, path in decoders.items():
+            ceilings[subject] = model_ceiling(path, latent[subject], args.threads)
             body = npy_body(latent[subject])
             for mode in MODES:
                 reps: dict[int, list[dict]] = {c: [] for c in CLIENTS}
@@ -166,7 +230,8 @@ def run(args: argparse.Namespace) -> dict:
                         stop_server(proc)
                 for c in CLIENTS:
                     results.append(summarize(subject, mode, c, reps[c]))
-    return {"meta": meta(args), "results": results, "goal": goal(results)}
+    return {"meta": meta(args), "results": results, "model_only": ceilings,
+            "goal": goal(results)}
 
 
 def summarize(subject: str, mode: str, clients: int, reps: list[dict]) -> dict:
@@ -213,6 +278,11 @@ def table(report: dict) -> str:
     rows.append(f"\nConv, 64 clients: batching / none = {ratio:.2f}x throughput (goal >= 3x);"
                 f" p99 {g['p99_batching_ms']:.1f} ms vs"
                 f" {g['p99_none_ms']:.1f} ms; goal met: {g['met']}")
+    for subject, c in report["model_only"].items():
+        rows.append(f"\n{subject} decoder alone (Sampler.decode, --threads"
+                    f" {report['meta']['threads']}): {c['us_per_row_b1']:.1f} us/row at batch 1,"
+                    f" {c['us_per_row_b64']:.1f} at batch 64: {c['ratio']:.2f}x, the ceiling of"
+                    " what batching can gain where the model is the bottleneck")
     return "\n".join(rows) + "\n"
 
 

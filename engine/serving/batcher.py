@@ -4,6 +4,7 @@
                              executor=ThreadPoolExecutor(1))
     batcher.start()                                   # inside the event loop
     outputs = await batcher.submit((z, labels))       # each (B, ...): exactly this request's rows
+                                                      # (a future: cancel it to drop the request)
     await batcher.close()                             # drain: finish what is queued, then stop
 
 One worker task per batcher. A request is a tuple of arrays that share their leading (row)
@@ -92,8 +93,9 @@ class DynamicBatcher:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._worker())
 
-    async def submit(self, inputs: Sequence[np.ndarray]) -> Arrays:
-        """This request's outputs: one array per model output, each (B, ...)."""
+    def submit(self, inputs: Sequence[np.ndarray]) -> asyncio.Future:
+        """Queue one request; the future resolves to its outputs, one array per model output,
+        each (B, ...). Cancelling the future (or a task awaiting it) drops the request."""
         if self._closing or self._task is None:
             raise Closed("the server is shutting down" if self._closing else "not started")
         if self._waiting >= self.max_queue:
@@ -110,7 +112,7 @@ class DynamicBatcher:
         self._waiting += 1
         self._rows += rows
         self._wake.set()
-        return await request.future  # cancelling the caller cancels the future: rows dropped
+        return request.future
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one (without waiting out max_delay_s),

@@ -14,6 +14,7 @@ Status 499 counts requests whose client went away before the reply (nginx's conv
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -53,10 +54,16 @@ class Metrics:
                                  ("op",), registry=r)
         self.ready = Gauge("vae_serve_ready", "1 once the model is loaded and warmed",
                            registry=r)
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        key = (endpoint, status)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lookup and a lock per call: bind once
+            children = self._children[key] = (self.requests.labels(endpoint, str(status)),
+                                              self.latency.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch_observer(self, op: str) -> Callable[[int, float], None]:
         """The batcher's on_batch callback for `op`: (rows, seconds) -> observed."""

@@ -87,6 +87,7 @@ class ModelService:
         self.status, self.error = "loading", ""
         self.encode_error: str | None = None
         self.input_dtypes: dict[str, np.dtype] = {}  # the decoder's, where a manifest says
+        self.latent_dtype = np.dtype(np.float32)
         delay = config.max_delay_ms / 1000
         common = {"max_batch": config.max_batch, "max_delay_s": delay,
                   "max_queue": config.max_queue, "executor": self.executor}
@@ -125,6 +126,7 @@ class ModelService:
                                     compile=c.compile, threads=c.threads)
         spec = self.sampler.spec
         self.input_dtypes = manifest_input_dtypes(Path(self.sampler.artifact))
+        self.latent_dtype = numpy_dtype(spec.latent_dtype)
         if not spec.extra_inputs:  # extra inputs (a crystal's mask) have no neutral value
             for rows in sorted({1, c.max_batch}):
                 self._decode(self._with_labels((as_numpy(self.sampler.latents(rows, 0)),)))
@@ -181,7 +183,7 @@ class ModelService:
             raise RequestError(f"this {spec.family} decoder takes {list(spec.input_names)}; the"
                                f" body lacks {missing}: send an {'.npz'} with arrays named"
                                f" {[latent_name, *spec.extra_inputs]}")
-        z = self._check_latent(arrays[latent_name])
+        z = self._check_latent(arrays[latent_name], self.latent_dtype)
         inputs = (z, *self._labels(arrays, label_names, labels, z.shape[0]))
         for name in spec.extra_inputs:
             a = arrays[name]
@@ -213,9 +215,8 @@ class ModelService:
         _require_finite(x, "the images")
         return (x, *self._labels(arrays, {LABEL_FIELD}, labels, x.shape[0]))
 
-    def _check_latent(self, z: np.ndarray) -> np.ndarray:
+    def _check_latent(self, z: np.ndarray, dtype: np.dtype) -> np.ndarray:
         spec = self.spec
-        dtype = numpy_dtype(spec.latent_dtype)
         want = f"(B, {', '.join(map(str, spec.latent_shape))}) {dtype}"
         if z.ndim < 1 or not shape_fits(z.shape[1:], spec.latent_shape) or z.shape[0] < 1:
             hint = ""
