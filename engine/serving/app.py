@@ -176,16 +176,21 @@ class Api:
         png = accepts(request, PNG)
         if png:
             self._require_images(spec, "Accept: image/png")
-        arrays = await self._arrays(request, spec.input_names[0])
-        inputs = self.service.decode_inputs(arrays, labels)
-        outputs = await _unless_gone(request, self.service.decoder.submit(inputs))
+        batcher = self.service.decoder
+        with batcher.arriving():  # until submitted: a gathering batch may wait for it
+            arrays = await self._arrays(request, spec.input_names[0])
+            pending = batcher.submit(self.service.decode_inputs(arrays, labels))
+        outputs = await _unless_gone(request, pending)
         return await self._reply(request, outputs, spec.output_names, png, whole=True)
 
     async def encode(self, request: Request) -> Response:
         _check_query(request, {LABEL_FIELD})
         spec, labels = self.service.spec, _request_labels(request)
-        inputs = self.service.encode_inputs(await self._arrays(request, "x"), labels)
-        outputs = await _unless_gone(request, self.service.encoder.submit(inputs))
+        batcher = self.service.encoder
+        with batcher.arriving():
+            inputs = self.service.encode_inputs(await self._arrays(request, "x"), labels)
+            pending = batcher.submit(inputs)
+        outputs = await _unless_gone(request, pending)
         names = ("codes",) if spec.latent_kind == "codes" else ("mu", "logvar")
         return await self._reply(request, outputs, names, png=False, whole=False)
 

@@ -3,16 +3,21 @@
     batcher = DynamicBatcher(run, max_batch=64, max_delay_s=0.002, max_queue=1024,
                              executor=ThreadPoolExecutor(1))
     batcher.start()                                   # inside the event loop
-    outputs = await batcher.submit((z, labels))       # each (B, ...): exactly this request's rows
-                                                      # (a future: cancel it to drop the request)
+    with batcher.arriving():                          # optional, see wait_for_arrivals below
+        z, labels = ...                               # read and check the request's body
+        pending = batcher.submit((z, labels))         # a future: cancel it to drop the request
+    outputs = await pending                           # each (B, ...): exactly this request's rows
     await batcher.close()                             # drain: finish what is queued, then stop
 
 One worker task per batcher. A request is a tuple of arrays that share their leading (row)
 axis, e.g. (z (B, *latent_shape), labels (B,)). The worker waits for the first request, then
 keeps gathering until the queue holds `max_batch` rows or the oldest request has waited
-`max_delay_s`; it takes up to `max_batch` rows in arrival order (a request larger than that is
-split over several batches), concatenates them, runs `run` on the executor's thread (the
-event loop never runs the model) and hands each request back exactly its own rows:
+`max_delay_s` -- with `wait_for_arrivals`, it waits only while another request is between
+`arriving()` and `submit()`, so a lone request runs at once and the delay is paid only when
+batch-mates are actually on their way. It takes up to `max_batch` rows in arrival order (a
+request larger than that is split over several batches), concatenates them, runs `run` on the
+executor's thread (the event loop never runs the model) and hands each request back exactly
+its own rows:
 
     batch = concat_i rows_i          run(batch) = (out_1, ..., out_k), each (sum_i B_i, ...)
     request i gets out_j[o_i : o_i + B_i] for every output j,   o_i = sum_{h<i} B_h
@@ -32,7 +37,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -67,8 +72,8 @@ class DynamicBatcher:
     """Gathers rows of concurrent `submit` calls into batches of at most `max_batch` rows."""
 
     def __init__(self, run: RunFn, *, max_batch: int, max_delay_s: float, max_queue: int,
-                 executor: Executor,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 executor: Executor, on_batch: Callable[[int, float], None] | None = None,
+                 wait_for_arrivals: bool = False) -> None:
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError(f"max_batch and max_queue must be >= 1 and max_delay_s >= 0, got"
                              f" {max_batch}, {max_queue}, {max_delay_s}")
@@ -80,6 +85,8 @@ class DynamicBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._wait_for_arrivals = wait_for_arrivals
+        self._arriving = 0  # requests between arriving() and submit()
 
     # --- public ----------------------------------------------------------------------------
     @property
@@ -92,6 +99,20 @@ class DynamicBatcher:
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way (its body being read and checked) until it is
+        submitted or refused. With wait_for_arrivals, a batch waits for batch-mates (up to
+        max_delay_s) only while some request is on its way; with none, it runs at once, so a
+        lone request pays no delay."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if not self._arriving and self._wake is not None:  # the last one on its way
+                self._wake.set()
 
     def submit(self, inputs: Sequence[np.ndarray]) -> asyncio.Future:
         """Queue one request; the future resolves to its outputs, one array per model output,
@@ -111,7 +132,11 @@ class DynamicBatcher:
         self._queue.append(request)
         self._waiting += 1
         self._rows += rows
-        self._wake.set()
+        # Wake the worker only when that can change its decision: a first request (it sleeps
+        # without a deadline), a full batch, or nobody else on the way.
+        if len(self._queue) == 1 or self._rows >= self.max_batch or (
+                self._wait_for_arrivals and not self._arriving):
+            self._wake.set()
         return request.future
 
     async def close(self) -> None:
@@ -171,14 +196,16 @@ class DynamicBatcher:
 
     async def _gathered(self) -> None:
         """Return once a batch should run: max_batch rows queued, or the oldest request has
-        waited max_delay_s (at once while closing)."""
+        waited max_delay_s, or (wait_for_arrivals) no other request is on its way; at once
+        while closing."""
         loop = asyncio.get_running_loop()
         while True:
             while self._queue and self._queue[0].future.done():
                 self._queue.popleft()
             if self._queue:
                 wait = self._queue[0].arrived + self.max_delay_s - loop.time()
-                if self._rows >= self.max_batch or wait <= 0 or self._closing:
+                nobody_coming = self._wait_for_arrivals and not self._arriving
+                if self._rows >= self.max_batch or wait <= 0 or nobody_coming or self._closing:
                     return
             elif self._closing:
                 return

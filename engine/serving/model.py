@@ -90,7 +90,8 @@ class ModelService:
         self.latent_dtype = np.dtype(np.float32)
         delay = config.max_delay_ms / 1000
         common = {"max_batch": config.max_batch, "max_delay_s": delay,
-                  "max_queue": config.max_queue, "executor": self.executor}
+                  "max_queue": config.max_queue, "executor": self.executor,
+                  "wait_for_arrivals": True}
         self.decoder = DynamicBatcher(self._decode, on_batch=metrics.batch_observer("decode"),
                                       **common)
         self.encoder = DynamicBatcher(self._encode, on_batch=metrics.batch_observer("encode"),

@@ -236,3 +236,38 @@ def test_requests_with_mismatched_rows_are_refused_before_batching():
         pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_wait_for_arrivals_waits_only_while_a_request_is_on_its_way():
+    """A lone request runs at once (no 30 s delay); while another is between arriving() and
+    submit(), the queued one waits for it and both share one batch."""
+    model = Recorder()
+
+    async def main():
+        batcher, pool = _batcher(model, max_batch=64, max_delay_s=30.0, wait_for_arrivals=True)
+        batcher.start()
+        rng = np.random.default_rng(7)
+        start = time.monotonic()
+        await asyncio.wait_for(batcher.submit(_request(rng, 0, 1)), 10)
+        lone = time.monotonic() - start
+        body_read = asyncio.Event()
+
+        async def slow_arrival():
+            with batcher.arriving():
+                await body_read.wait()  # e.g. a body still being read
+                pending = batcher.submit(_request(rng, 20, 2))
+            return await pending
+
+        late = asyncio.ensure_future(slow_arrival())
+        await asyncio.sleep(0.01)
+        early = batcher.submit(_request(rng, 10, 1))
+        await asyncio.sleep(0.1)
+        assert not early.done()  # waiting for the request on its way
+        body_read.set()
+        await asyncio.wait_for(asyncio.gather(early, late), 10)
+        await batcher.close()
+        pool.shutdown()
+        return lone
+
+    assert asyncio.run(main()) < 10
+    assert model.batches == [[0], [10, 20, 21]]
