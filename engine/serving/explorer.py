@@ -46,7 +46,10 @@ def find_kl_per_dim(artifact: str | Path, size: int) -> tuple[list[float], Path]
 def explorer_info(artifact: str | Path, latent_shape: tuple[int, ...], latent_kind: str,
                   max_sliders: int = MAX_SLIDERS) -> dict[str, Any]:
     """{"dims": flat latent indices that get sliders, most informative first, "kl": their KL
-    (or null), "source": the report used (or null), "latent_size": prod(latent_shape)}."""
+    (or null), "source": the report used (or null), "latent_size": prod(latent_shape), or
+    null when the spec leaves an axis dynamic (None): the page then has no latent to draw}."""
+    if not all(isinstance(d, int) and d > 0 for d in latent_shape):  # dynamic axes (None)
+        return {"dims": [], "kl": None, "source": None, "latent_size": None}
     size = math.prod(latent_shape)
     if latent_kind != "gaussian":  # integer codes: no sliders, random codes only
         return {"dims": [], "kl": None, "source": None, "latent_size": size}

@@ -136,3 +136,4 @@ def test_sliders_follow_the_kl_report_when_the_run_has_one(tmp_path):
     assert info["kl"] == [kl[i] for i in info["dims"]]
     assert info["source"].endswith("evaluation/test.json")
     assert explorer_info(tmp_path / "export", (3, 4, 4), "gaussian", 5)["dims"] == [0, 1, 2, 3, 4]
+    assert explorer_info(tmp_path, (4, None, None), "gaussian")["latent_size"] is None

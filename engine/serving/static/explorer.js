@@ -247,8 +247,11 @@ async function init() {
   const { model: m, runtime: rt, batching: b } = state.info;
   $("model").textContent = `${m.family} · latent ${JSON.stringify(m.latent_shape)} · `
     + `${rt.backend} on ${rt.device} · batches of up to ${b.max_batch} rows within ${b.max_delay_ms} ms`;
-  if (!m.image) {
-    setStatus("this model's outputs are not images: use POST /v1/decode with .npy / .npz");
+  const unusable = !m.image ? "this model's outputs are not images: use POST /v1/decode"
+    : !state.info.explorer.latent_size ? "this model's latent has dynamic axes: the explorer"
+      + " needs a fixed latent shape" : "";
+  if (unusable) {
+    setStatus(unusable);
     $("controls").hidden = true;
     return;
   }
