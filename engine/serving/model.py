@@ -128,23 +128,26 @@ class ModelService:
         spec = self.sampler.spec
         self.input_dtypes = manifest_input_dtypes(Path(self.sampler.artifact))
         self.latent_dtype = numpy_dtype(spec.latent_dtype)
-        if not spec.extra_inputs:  # extra inputs (a crystal's mask) have no neutral value
+        # Warm-up at batch 1 and --max-batch (a batch that does not fit fails here, not on a
+        # request); skipped for extra inputs (a crystal's mask has no neutral value) and for
+        # latents with dynamic axes (no shape to draw).
+        if not spec.extra_inputs and _concrete(spec.latent_shape):
             for rows in sorted({1, c.max_batch}):
                 self._decode(self._with_labels((as_numpy(self.sampler.latents(rows, 0)),)))
-        x = np.zeros((1, *spec.output_shape), np.float32)
         try:  # a probe: no encoder exported, or one the runtime cannot feed (a crystal's)
-            self._encode(self._with_labels((x,)))
+            self._encode(self._with_labels((np.zeros((1, *spec.output_shape), np.float32),)))
         except Exception as e:  # backends raise their own types (ORT's InvalidArgument, ...)
             self.encode_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
     def _with_labels(self, inputs: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-        if not self.spec.conditional:
+        if not self.sampler.spec.conditional:
             return inputs
         return (*inputs, np.zeros(inputs[0].shape[0], np.int64))
 
     @property
     def spec(self) -> Any:
-        if self.sampler is None:
+        """The model's spec once it is ready to serve; a 503 before."""
+        if self.status != "ready":
             raise RequestError(f"the model is not ready ({self.status}); retry shortly", 503,
                                {"Retry-After": "1"})
         return self.sampler.spec
@@ -287,6 +290,10 @@ class ModelService:
     @staticmethod
     def random_seed() -> int:
         return secrets.randbelow(2**31)
+
+
+def _concrete(shape: tuple[int | None, ...]) -> bool:
+    return all(isinstance(d, int) and d > 0 for d in shape)
 
 
 def _require_finite(a: np.ndarray, what: str) -> None:
