@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -256,18 +257,29 @@ class Api:
         return Response(npy_bytes(outputs[0]), media_type=NPY)
 
 
-def create_app(config: ServeConfig, on_failure: Callable[[str], None] | None = None
-               ) -> Starlette:
-    """The app; the model loads in the background once it starts (GET /healthz tells)."""
+def create_app(config: ServeConfig, on_failure: Callable[[str], None] | None = None,
+               freeze_gc: bool = False) -> Starlette:
+    """The app; the model loads in the background once it starts (GET /healthz tells).
+
+    on_failure(error) is called if the model fails to load. freeze_gc moves every object alive
+    after the warm-up (~200k with torch and ONNX Runtime loaded) out of the garbage
+    collector's reach (gc.freeze): a full collection would otherwise scan them all and pause
+    the event loop ~0.1 s, the requests' p99. A process-wide setting: the command sets it."""
     metrics = Metrics(config.max_batch)
     service = ModelService(config, metrics)
     api = Api(config, service, metrics)
 
+    def loaded(_: asyncio.Future) -> None:
+        if service.status == "failed" and on_failure is not None:
+            on_failure(service.error)
+        elif service.status == "ready" and freeze_gc:
+            gc.collect()
+            gc.freeze()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         loading = asyncio.ensure_future(service.start())
-        loading.add_done_callback(lambda _: service.status == "failed" and on_failure
-                                  and on_failure(service.error))
+        loading.add_done_callback(loaded)
         yield
         await loading  # a load in progress finishes (it cannot be interrupted), then drain
         await service.close()
@@ -306,7 +318,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
         failed.append(error)
         holder["server"].should_exit = True
 
-    app = create_app(config, on_failure)
+    app = create_app(config, on_failure, freeze_gc=True)
     sock = bind(host, port)
     where = sock.getsockname()
     print(f"serving {config.artifact} on http://{host}:{where[1]}/ (pid {os.getpid()})", flush=True)
