@@ -86,7 +86,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _check_query(request: Request, allowed: set[str]) -> None:
-    if not request.scope["query_string"]:  # the common case: parsing costs ~0.1 ms
+    if not request.scope["query_string"]:  # the common case: nothing to parse
         return
     unknown = sorted(set(request.query_params) - allowed)
     if unknown:
