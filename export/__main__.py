@@ -1,11 +1,12 @@
-"""`python -m export {onnx,aoti,tensorrt} ...`: the exporters behind one entry point."""
+"""`python -m export {onnx,aoti,tensorrt,triton} ...`: the exporters behind one entry point."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = {"onnx": "export.onnx", "aoti": "export.aoti", "tensorrt": "export.tensorrt"}
+COMMANDS = {"onnx": "export.onnx", "aoti": "export.aoti", "tensorrt": "export.tensorrt",
+            "triton": "export.triton"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MAX_ENGINE_MODULES = 10
 MAX_MODULE_LINES = 420  # "about 400": the bound, with a little slack for docstrings
 ENTRY_POINTS = ("engine.train", "engine.sample", "engine.evaluate", "engine.plot",
-                "engine.anomaly", "engine.crystal.evaluate", "export.onnx", "export.aoti",
-                "export.tensorrt")
+                "engine.anomaly", "engine.serve", "engine.crystal.evaluate", "export.onnx",
+                "export.aoti", "export.tensorrt", "export.triton")
 
 
 def test_no_import_cycles():
