@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from engine.distributions import DiagonalGaussian
 from engine.models.base import BaseVAE, ModelOutput
 from engine.models.export_wrappers import BATCH, ExportPart
-from engine.models.latent_diffusion.precision import rerun_nonfinite_rows
+from engine.models.latent_diffusion.precision import HALF_DTYPES, rerun_nonfinite_rows
 
 LATENT_AXES = {**BATCH, 2: "latent_height", 3: "latent_width"}
 # Image axes are `downsample_factor` times the latent axes (exported as derived dims, so the
@@ -166,27 +166,41 @@ class LatentDiffusionVAE(BaseVAE):
 
 
 # --- export views ------------------------------------------------------------------------------
+def _eager_half(model: LatentDiffusionVAE) -> bool:
+    """A half-precision model run eagerly (not traced): the fp32 rerun guard applies."""
+    return model.dtype in HALF_DTYPES and not torch.compiler.is_exporting()
+
+
 class LatentDecoderView(nn.Module):
-    """z (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1]; no checks, no fp32 rerun."""
+    """z (B, C, h, w) -> images (B, 3, f h, f w) in [-1, 1], float32 in and out (the model's
+    dtype inside). Exported graphs hold the network alone; run eagerly in fp16/bf16, rows that
+    overflow are redone in fp32 (base.LatentDiffusionVAE.decode)."""
 
     def __init__(self, model: LatentDiffusionVAE) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.model._decode_logits(z, None)
+        if _eager_half(self.model):
+            return self.model.decode(z).float()
+        return self.model._decode_logits(z.to(self.model.dtype), None).float()
 
 
 class LatentEncoderView(nn.Module):
     """images (B, 3, H, W) in [-1, 1] -> the encoder's outputs: (mean, logvar) for
-    AutoencoderKL, (latents,) for AutoencoderTiny. The noise of sampling stays outside."""
+    AutoencoderKL, (latents,) for AutoencoderTiny, float32. The noise of sampling stays
+    outside."""
 
     def __init__(self, model: LatentDiffusionVAE) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return self.model._encode_outputs(x)
+        if _eager_half(self.model):
+            outputs = self.model._guarded(self.model._encode_outputs, x)
+        else:
+            outputs = self.model._encode_outputs(x.to(self.model.dtype))
+        return tuple(t.float() for t in outputs)
 
 
 def _axes(template: dict[int, str], factor: int) -> dict[int, str]:
@@ -197,14 +211,13 @@ def latent_diffusion_parts(model: LatentDiffusionVAE, batch: int = 2) -> dict[st
     """Decoder and encoder parts with dynamic batch, height and width; parity runs at the
     example size and at a second, non-square one (EXAMPLE_LATENT)."""
     c, f = model.config.latent_channels, model.downsample_factor
-    dtype, device = model.dtype, next(model.parameters()).device
+    device = next(model.parameters()).device
 
     def z_at(h: int, w: int) -> Tensor:
-        return torch.randn(batch, c, h, w, dtype=dtype, device=device)
+        return torch.randn(batch, c, h, w, device=device)
 
     def x_at(h: int, w: int) -> Tensor:
-        x = torch.rand(batch, model.config.in_channels, f * h, f * w, device=device) * 2 - 1
-        return x.to(dtype)
+        return torch.rand(batch, model.config.in_channels, f * h, f * w, device=device) * 2 - 1
 
     (h0, w0), (h1, w1) = EXAMPLE_LATENT
     image_axes = _axes(IMAGE_AXES, f)

@@ -65,6 +65,22 @@ def refuse_pickle(path: Path) -> None:
                           f" {CONVERT.format(path=path, stem=path.with_suffix(''))}")
 
 
+def is_pretrained_path(path: str | os.PathLike) -> bool:
+    """Whether `path` is for `from_pretrained` (a diffusers folder, a .safetensors VAE, a TAESD
+    folder) rather than a vae-engine checkpoint or export directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix == ".safetensors" and not (p.parent / "state.json").is_file()
+    if not p.is_dir() or (p / "manifest.json").is_file() or (p / "state.json").is_file():
+        return False
+    if (p / "vae" / "config.json").is_file() or any(p.glob("*_encoder.safetensors")):
+        return True
+    try:
+        return "_class_name" in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None,
                     config: str | AnyConfig | None = None) -> LatentDiffusionVAE:
