@@ -112,6 +112,12 @@ def export_aoti(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
         raise ExportError("--device cuda: no CUDA device is visible; use --device cpu")
     source = load_source(checkpoint, device=device, config=config)
     out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
+    return export_source(source, out_dir, device, parts, batches)
+
+
+def export_source(source: Any, out_dir: Path, device: str = "cpu", parts: str | None = "decoder",
+                  batches: tuple[int, ...] | None = None) -> dict[str, Path]:
+    """export_aoti of an already loaded model (a `Source`) into `out_dir`."""
     names = parse_parts(parts, list(source.model.export_parts()))
     written, entries, model = {}, {}, None
     for name in names:

@@ -167,6 +167,13 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
         raise ExportError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
     source = load_source(checkpoint, config=config)
     out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
+    return export_source(source, out_dir, opset, fp16, parts, batches)
+
+
+def export_source(source: Any, out_dir: Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                  parts: str | None = None, batches: tuple[int, ...] | None = None
+                  ) -> dict[str, Path]:
+    """export_onnx of an already loaded model (a `Source`) into `out_dir`."""
     all_parts = source.model.export_parts()
     written, entries = {}, {}
     for name in parse_parts(parts, list(all_parts)):

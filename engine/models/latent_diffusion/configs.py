@@ -170,7 +170,7 @@ def from_diffusers_json(data: dict[str, Any], where: str) -> AnyConfig:
     config_cls = CLASS_NAMES[name]
     for key, value in REQUIRED[config_cls].items():
         got = data.get(key, value)
-        values = got if isinstance(got, list) else [got]
+        values = got if isinstance(got, (list, tuple)) else [got]
         if any(v != value for v in values):
             raise LayoutError(f"{where}: {key}={got!r} is not supported (only {value!r})")
     fields = {f.name for f in dataclasses.fields(config_cls)}
