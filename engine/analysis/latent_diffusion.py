@@ -108,7 +108,8 @@ def _model_handle(model, tile: int | None, overlap: int, path: str) -> VaeHandle
 
     cfg = model.config
     return VaeHandle(decode, encode, cfg.scaling_factor, cfg.shift_factor,
-                     model.downsample_factor, f"PyTorch {model.dtype} on {device}")
+                     model.downsample_factor,
+                     f"PyTorch {str(model.dtype).removeprefix('torch.')} on {device}")
 
 
 # --- latents files -----------------------------------------------------------------------------
