@@ -137,7 +137,8 @@ def test_bad_files_give_one_line_errors(kl_folder, build_tiny, tmp_path):
         with pytest.raises(LayoutError, match="never unpickles.*weights_only=True"):
             from_pretrained(tmp_path / name)
     ldm = layouts.diffusers_to_ldm(vae.state_dict())
-    _save({**ldm, "encoder.down.0.block.0.extra.weight": torch.zeros(1)}, tmp_path / "x.safetensors")
+    extra = {"encoder.down.0.block.0.extra.weight": torch.zeros(1)}
+    _save({**ldm, **extra}, tmp_path / "x.safetensors")
     with pytest.raises(LayoutError, match="'encoder.down.0.block.0.extra.weight'"):
         from_pretrained(tmp_path / "x.safetensors")
     bad = dict(ldm, **{"decoder.conv_out.bias": torch.zeros(5)})
