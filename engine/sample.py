@@ -55,6 +55,7 @@ from engine.analysis.latent import (
 from engine.analysis.latent_diffusion import (
     decode_to_pngs,
     encode_images,
+    encoded_metadata,
     load_vae,
     read_latents,
     unscale,
@@ -276,10 +277,8 @@ def _decode(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     vae = _load_vae(args)
     latents = encode_images(vae, args.images, args.sample, args.seed)
-    meta = {"scaled": "true", "scaling_factor": repr(vae.scaling_factor),
-            "shift_factor": repr(vae.shift_factor), "vae": str(args.vae),
-            "posterior": "sample" if args.sample else "mean", "seed": str(args.seed)}
-    path = write_latents(args.out, latents, meta)
+    path = write_latents(args.out, latents, encoded_metadata(vae, args.vae, args.sample,
+                                                             args.seed))
     print(f"wrote latents {tuple(latents.shape)} to {path} ({vae.label})")
     return 0
 

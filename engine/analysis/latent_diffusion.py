@@ -157,6 +157,14 @@ def unscale(latents: Tensor, vae: VaeHandle) -> Tensor:
     return latents / vae.scaling_factor + vae.shift_factor
 
 
+def encoded_metadata(vae: VaeHandle, source: str, sample: bool, seed: int | None
+                     ) -> dict[str, str]:
+    """What `encode` records beside the latents: they are scaled, and how."""
+    return {"scaled": "true", "scaling_factor": repr(vae.scaling_factor),
+            "shift_factor": repr(vae.shift_factor), "vae": str(source),
+            "posterior": "sample" if sample else "mean", "seed": str(seed)}
+
+
 def write_latents(path: str | os.PathLike, latents: Tensor, meta: dict[str, str]) -> Path:
     """`latents` under key "latents" with string metadata; temp file then rename."""
     p = Path(path)

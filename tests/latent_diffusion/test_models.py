@@ -104,3 +104,12 @@ def test_checkpoint_and_model_from_config_round_trip(tmp_path):
     z = torch.randn(1, 4, 4, 6)
     assert dataclasses.asdict(loaded.config)["scaling_factor"] == 0.13025
     assert torch.equal(loaded.decode(z), model.decode(z))
+
+
+def test_named_preset_on_a_diffusers_folder_keeps_its_architecture(kl_folder):
+    _, folder = kl_folder
+    cfg = from_pretrained(folder, config="sdxl").config
+    assert (cfg.scaling_factor, cfg.norm_num_groups, cfg.block_out_channels) == \
+        (0.13025, 8, (32, 64))
+    with pytest.raises(ValueError, match="latent_channels=16"):
+        from_pretrained(folder, config="flux")

@@ -7,6 +7,7 @@ AutoencoderTiny (TAESD, TAESDXL, TAEF1), with diffusers' state-dict layout.
     base.py             the shared protocol: dynamic H and W, precision guard, export views
     precision.py        dtype policy (force_upcast) and the fp32 rerun of overflowing rows
     layouts.py          key layouts: original LDM/SGM and TAESD <-> diffusers
+    configs.py          configs from diffusers' config.json, or from shapes plus a preset
     pretrained.py       `from_pretrained(path)`: diffusers folders, LDM single files, TAESD pairs
 
 Load weights with `engine.models.from_pretrained`; see docs/latent_diffusion.md.

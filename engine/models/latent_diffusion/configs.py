@@ -30,12 +30,7 @@ from engine.models.latent_diffusion.autoencoder_kl import (
 from engine.models.latent_diffusion.layouts import LayoutError
 from engine.models.latent_diffusion.taesd import AUTOENCODER_TINY_FAMILY, AutoencoderTinyConfig
 
-KL_ARCHITECTURE = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
-                   "latent_channels", "use_quant_conv", "use_post_quant_conv",
-                   "mid_block_add_attention")
-TINY_ARCHITECTURE = ("in_channels", "out_channels", "encoder_block_out_channels",
-                     "decoder_block_out_channels", "num_encoder_blocks", "num_decoder_blocks",
-                     "latent_channels")
+PRESET_FIELDS = ("scaling_factor", "shift_factor", "force_upcast")  # what a preset supplies
 # What tells the presets apart; a named preset must match the weights on these. The other
 # architecture fields come from the shapes, so a preset's scaling applies to resized models too.
 IDENTITY = ("latent_channels", "use_quant_conv", "use_post_quant_conv")
@@ -125,6 +120,12 @@ def infer_tiny(state: dict[str, Tensor]) -> dict[str, Any]:
         "num_decoder_blocks": tuple(len(s) - 1 for s in dec_stages),
         "latent_channels": int(dec[0][1].shape[1]),
     }
+
+
+def architecture_of(cfg: AnyConfig) -> dict[str, Any]:
+    """Every field of a config but those a preset supplies (PRESET_FIELDS)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in PRESET_FIELDS}
 
 
 def default_preset(config_cls: type, arch: dict[str, Any]) -> str:

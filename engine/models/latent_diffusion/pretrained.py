@@ -37,6 +37,7 @@ from engine.models.latent_diffusion.autoencoder_kl import AutoencoderKL, Autoenc
 from engine.models.latent_diffusion.base import LatentDiffusionVAE
 from engine.models.latent_diffusion.configs import (
     AnyConfig,
+    architecture_of,
     from_diffusers_json,
     infer_kl,
     infer_tiny,
@@ -149,14 +150,9 @@ def _read_diffusers(folder: Path, config: str | AnyConfig | None, weights: Path 
     weights = weights or _diffusers_weights(folder)
     cfg = config if not isinstance(config, str) and config is not None \
         else from_diffusers_json(data, str(where))
-    if isinstance(config, str):
-        cfg = resolve(type(cfg), _architecture(cfg), config, str(folder))
+    if isinstance(config, str):  # the preset's scaling, the folder's architecture
+        cfg = resolve(type(cfg), architecture_of(cfg), config, str(folder))
     return cfg, read_safetensors(weights)
-
-
-def _architecture(cfg: AnyConfig) -> dict[str, Any]:
-    fields = ("latent_channels", "use_quant_conv", "use_post_quant_conv")
-    return {f: getattr(cfg, f) for f in fields if hasattr(cfg, f)}
 
 
 def _diffusers_weights(folder: Path) -> Path:
