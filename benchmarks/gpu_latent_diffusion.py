@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,26 +29,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_runtime import time_cuda
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
 LATENT_SIDE = 128  # 1024 px
-
-
-def time_cuda(fn: Callable[[], object], iters: int, warmup: int, repeats: int) -> float:
-    """Median seconds per call: CUDA events around `iters` back-to-back calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) / 1e3 / iters)
-    return statistics.median(per_call)
 
 
 def peak_memory(fn: Callable[[], object]) -> int:

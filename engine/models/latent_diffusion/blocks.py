@@ -117,35 +117,41 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class DownEncoderBlock(nn.Module):
-    """`layers` ResnetBlocks (c_in -> c_out first), then a Downsample unless it is the last."""
+class _Level(nn.Module):
+    """`layers` ResnetBlocks (c_in -> c_out first), then the level's resampler, if any."""
+
+    def __init__(self, c_in: int, c_out: int, layers: int, groups: int) -> None:
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(layers)])
+
+    def resampler(self) -> nn.ModuleList | None:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        resample = self.resampler()
+        return x if resample is None else resample[0](x)
+
+
+class DownEncoderBlock(_Level):
+    """An encoder level: ResnetBlocks, then a Downsample (`downsamplers[0]`) unless last."""
 
     def __init__(self, c_in: int, c_out: int, layers: int, groups: int, downsample: bool) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(layers)])
+        super().__init__(c_in, c_out, layers, groups)
         self.downsamplers = nn.ModuleList([Downsample(c_out)]) if downsample else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+    def resampler(self) -> nn.ModuleList | None:
+        return self.downsamplers
 
 
-class UpDecoderBlock(nn.Module):
-    """`layers` ResnetBlocks (c_in -> c_out first), then an Upsample unless it is the last."""
+class UpDecoderBlock(_Level):
+    """A decoder level: ResnetBlocks, then an Upsample (`upsamplers[0]`) unless last."""
 
     def __init__(self, c_in: int, c_out: int, layers: int, groups: int, upsample: bool) -> None:
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(layers)])
+        super().__init__(c_in, c_out, layers, groups)
         self.upsamplers = nn.ModuleList([Upsample(c_out)]) if upsample else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+    def resampler(self) -> nn.ModuleList | None:
+        return self.upsamplers

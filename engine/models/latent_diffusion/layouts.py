@@ -74,45 +74,43 @@ def _regex(pattern: str) -> re.Pattern[str]:
                                    escaped) + "$")
 
 
-_LDM = [(_regex(ldm), ldm, diff) for ldm, diff in _PAIRS]
-_DIFFUSERS = [(_regex(diff), ldm) for ldm, diff in _PAIRS]
+# (regex of the source name, target pattern, value renames, placeholder carrying the level
+# that flips between the layouts) per direction.
+_BACK = {k: {v: o for o, v in table.items()} for k, table in _RENAME.items()}
+_TO_DIFFUSERS = [(_regex(ldm), diff, _RENAME, "u" if "{u}" in ldm else "") for ldm, diff in _PAIRS]
+_TO_LDM = [(_regex(diff), ldm, _BACK, "i" if "{u}" in ldm else "") for ldm, diff in _PAIRS]
 
 
 def _flip(groups: dict[str, str], src: str, levels: int) -> dict[str, str]:
     """Swap {u} (LDM's decoder level) and {i} (diffusers'): i = n - 1 - u."""
-    if src == "u" and "u" in groups:
-        groups["i"] = str(levels - 1 - int(groups["u"]))
-    elif src == "i" and "i" in groups:
-        groups["u"] = str(levels - 1 - int(groups["i"]))
-    return groups
+    other = {"u": "i", "i": "u"}[src]
+    return {**groups, other: str(levels - 1 - int(groups[src]))}
+
+
+def _translate(key: str, levels: int, rules: list) -> str | None:
+    for regex, target, rename, flip in rules:
+        m = regex.match(key)
+        if m is not None:
+            groups = {k: rename.get(k, {}).get(v, v) for k, v in m.groupdict().items()}
+            return target.format(**(_flip(groups, flip, levels) if flip else groups))
+    return None
 
 
 def ldm_to_diffusers_key(key: str, levels: int) -> str:
     """The diffusers name of an LDM key of a VAE with `levels` resolution levels."""
-    for regex, ldm, diff in _LDM:
-        m = regex.match(key)
-        if m is None:
-            continue
-        groups = {k: _RENAME.get(k, {}).get(v, v) for k, v in m.groupdict().items()}
-        if "{u}" in ldm:
-            groups = _flip(groups, "u", levels)
-        return diff.format(**groups)
-    raise LayoutError(f"key {key!r} matches no LDM VAE key (expected names like"
-                      " encoder.down.0.block.0.norm1.weight or decoder.mid.attn_1.q.weight)")
+    name = _translate(key, levels, _TO_DIFFUSERS)
+    if name is None:
+        raise LayoutError(f"key {key!r} matches no LDM VAE key (expected names like"
+                          " encoder.down.0.block.0.norm1.weight or decoder.mid.attn_1.q.weight)")
+    return name
 
 
 def diffusers_to_ldm_key(key: str, levels: int) -> str:
     """The LDM name of a diffusers AutoencoderKL key (the inverse of ldm_to_diffusers_key)."""
-    back = {k: {v: o for o, v in table.items()} for k, table in _RENAME.items()}
-    for regex, ldm in _DIFFUSERS:
-        m = regex.match(key)
-        if m is None:
-            continue
-        groups = {k: back.get(k, {}).get(v, v) for k, v in m.groupdict().items()}
-        if "{u}" in ldm:
-            groups = _flip(groups, "i", levels)
-        return ldm.format(**groups)
-    raise LayoutError(f"key {key!r} is not an AutoencoderKL parameter name")
+    name = _translate(key, levels, _TO_LDM)
+    if name is None:
+        raise LayoutError(f"key {key!r} is not an AutoencoderKL parameter name")
+    return name
 
 
 def ldm_levels(keys: list[str] | set[str], prefix: str = "encoder.down.") -> int:
