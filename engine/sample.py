@@ -14,6 +14,14 @@ the raw tensors (the decoded images, plus labels for reconstruct) to a .safetens
     python -m engine.sample reconstruct runs/mlp --n 8 --out recon.png
     python -m engine.sample conditional runs/cvae --per-class 10 --out classes.png
 
+Latent-diffusion VAEs (SD 1.x/SDXL/SD3/FLUX, TAESD; engine.analysis.latent_diffusion): decode
+latents to one PNG per image, or encode images to latents (key "latents", in the diffusion
+model's convention (z - shift) * scaling; `decode --scaled` undoes it):
+
+    python -m engine.sample decode latents.safetensors --vae sdxl/vae --scaled --out images/
+    python -m engine.sample decode z.npy --vae ae.safetensors --config flux --tile 64 --out out/
+    python -m engine.sample encode a.png b.png --vae taesd/ --out latents.safetensors
+
 grid and conditional only decode, so they also run on exported artifacts; traverse,
 interpolate and reconstruct encode test images (a checkpoint, or an export with an encoder).
 Bad arguments (dims out of range, steps < 2, conditional on an unconditional model, an
@@ -43,6 +51,15 @@ from engine.analysis.latent import (
     require_gaussian_latent,
     split_images,
     traverse_images,
+)
+from engine.analysis.latent_diffusion import (
+    decode_to_pngs,
+    encode_images,
+    encoded_metadata,
+    load_vae,
+    read_latents,
+    unscale,
+    write_latents,
 )
 from engine.analysis.outputs import parse_labels, save_grid, save_tensors
 from engine.checkpoint import CheckpointError
@@ -210,6 +227,62 @@ def _conditional(args: argparse.Namespace) -> int:
     return _finish(args, images, args.per_class)
 
 
+def _vae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae", required=True, help="diffusers folder, .safetensors VAE, TAESD pair,"
+                   " or an export directory / .onnx / .pt2 of one")
+    p.add_argument("--config", default=None, help="preset when the file cannot tell: sd15, sdxl,"
+                   " sd3, flux, taesd, taesdxl, taef1")
+    p.add_argument("--backend", default=None, help="onnxruntime, aoti, eager or compile")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16 (PyTorch model)")
+    p.add_argument("--tile", type=int, default=None, metavar="LATENT_PX",
+                   help="tiled decode/encode, tiles of this many latent pixels")
+    p.add_argument("--tile-overlap", type=int, default=8, metavar="LATENT_PX")
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("latents", help="latents file: .safetensors (one tensor or 'latents') or .npy")
+    _vae_args(p)
+    p.add_argument("--scaled", action="store_true", help="latents are a diffusion model's:"
+                   " divide by scaling_factor and add shift_factor first")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", default="decoded", help="output directory (one PNG per image)")
+
+
+def _encode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files of one size (multiples of 8)")
+    _vae_args(p)
+    p.add_argument("--sample", action="store_true", help="a posterior draw instead of the mean")
+    p.add_argument("--seed", type=int, default=None, help="seed of --sample")
+    p.add_argument("--out", default="latents.safetensors")
+
+
+def _load_vae(args: argparse.Namespace):
+    return load_vae(args.vae, args.backend, args.device, args.dtype, args.config, args.tile,
+                    args.tile_overlap)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    latents, meta = read_latents(args.latents)
+    if meta.get("scaled") == "true" and not args.scaled:
+        raise ValueError(f"{args.latents} holds scaled latents (its metadata says so, as"
+                         " engine.sample encode writes them): pass --scaled")
+    vae = _load_vae(args)
+    z = unscale(latents, vae) if args.scaled else latents
+    written = decode_to_pngs(vae, z, args.out, args.batch_size)
+    print(f"wrote {len(written)} images to {args.out} ({vae.label})")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    vae = _load_vae(args)
+    latents = encode_images(vae, args.images, args.sample, args.seed)
+    path = write_latents(args.out, latents, encoded_metadata(vae, args.vae, args.sample,
+                                                             args.seed))
+    print(f"wrote latents {tuple(latents.shape)} to {path} ({vae.label})")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "random": (_random_args, _random),
@@ -218,6 +291,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
     "interpolate": (_interpolate_args, (_interpolate)),
     "reconstruct": (_reconstruct_args, (_reconstruct)),
     "conditional": (_conditional_args, (_conditional)),
+    "decode": (_decode_args, _decode),
+    "encode": (_encode_args, _encode),
 }
 
 

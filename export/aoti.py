@@ -2,6 +2,7 @@
 
     python -m export.aoti runs/mnist-mlp              # -> runs/mnist-mlp/export/decoder.pt2
     python -m export.aoti runs/mnist-mlp/best --out out/ --device cuda --parts decoder,encoder
+    python -m export.aoti ae.safetensors --config flux --out flux-vae/   # dynamic batch, H, W
 
 torch.export traces the export view (`model.export_parts()`) with a dynamic batch `Dim`, then
 `torch._inductor.aoti_compile_and_package` compiles it for one device (a CUDA package runs on
@@ -31,7 +32,6 @@ import torch
 
 from export import manifest
 from export.common import (
-    PARITY_BATCHES,
     ExportError,
     check_parity,
     default_export_dir,
@@ -39,6 +39,7 @@ from export.common import (
     load_source,
     model_description,
     on_device,
+    parity_plan,
     parse_parts,
     part_specs,
     run_export_cli,
@@ -78,7 +79,7 @@ def compile_package(program: torch.export.ExportedProgram, path: Path,
 
 
 def export_part(source: Any, name: str, out_dir: Path, device: str,
-                batches: tuple[int, ...] = PARITY_BATCHES) -> tuple[Path, dict, dict]:
+                batches: tuple[int, ...] | None = None) -> tuple[Path, dict, dict]:
     """Compile one part to `<out_dir>/<name>.pt2`; returns (path, manifest entry, model section)."""
     parts = {k: on_device(p, device) for k, p in source.model.export_parts().items()}
     part = parts[name]
@@ -90,8 +91,9 @@ def export_part(source: Any, name: str, out_dir: Path, device: str,
     path = compile_package(export_program(part), out_dir / f"{name}.pt2", meta)
     seconds = time.perf_counter() - t0
     runner = torch._inductor.aoti_load_package(str(path))
-    parity = check_parity(path.name, part.module, runner, part.input_names, part.example_inputs,
-                          source.config, "fp32", batches)
+    batches, examples = parity_plan(part, batches)
+    parity = check_parity(path.name, part.module, runner, part.input_names, examples[0],
+                          source.config, "fp32", batches, more_examples=examples[1:])
     settings = {"torch": torch.__version__, "compile_seconds": round(seconds, 1),
                 "inductor_configs": sorted(_inductor_configs({}))}
     entry = manifest.artifact_entry(path, name, "aoti", inputs=inputs, outputs=outputs,
@@ -102,12 +104,20 @@ def export_part(source: Any, name: str, out_dir: Path, device: str,
 
 def export_aoti(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                 device: str = "cpu", parts: str | None = "decoder",
-                batches: tuple[int, ...] = PARITY_BATCHES) -> dict[str, Path]:
-    """Compile the chosen parts of a checkpoint to `<out>/<part>.pt2`; update the manifest."""
+                batches: tuple[int, ...] | None = None, config: str | None = None
+                ) -> dict[str, Path]:
+    """Compile the chosen parts of a checkpoint (or a pretrained VAE, `config` naming its preset
+    where the file cannot) to `<out>/<part>.pt2`; update the manifest."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("--device cuda: no CUDA device is visible; use --device cpu")
-    source = load_source(checkpoint, device=device)
+    source = load_source(checkpoint, device=device, config=config)
     out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
+    return export_source(source, out_dir, device, parts, batches)
+
+
+def export_source(source: Any, out_dir: Path, device: str = "cpu", parts: str | None = "decoder",
+                  batches: tuple[int, ...] | None = None) -> dict[str, Path]:
+    """export_aoti of an already loaded model (a `Source`) into `out_dir`."""
     names = parse_parts(parts, list(source.model.export_parts()))
     written, entries, model = {}, {}, None
     for name in names:
@@ -119,14 +129,20 @@ def export_aoti(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.aoti", description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint", help="checkpoint directory or run directory")
+    ap.add_argument("checkpoint", help="checkpoint or run directory, or a pretrained"
+                    " latent-diffusion VAE: diffusers folder, .safetensors file, TAESD pair")
+    ap.add_argument("--config", default=None,
+                    help="preset of a pretrained VAE file whose shapes are ambiguous: sd15, sdxl,"
+                         " sd3, flux, taesd, taesdxl, taef1 (default: from the shapes)")
     ap.add_argument("--out", default=None, help="export directory (default <run_dir>/export)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--parts", default="decoder", help="comma-separated parts (default decoder)")
-    ap.add_argument("--parity-batches", default=",".join(map(str, PARITY_BATCHES)))
+    ap.add_argument("--parity-batches", default=None,
+                    help="comma-separated batch sizes (default: 1,7,256; 1,3 for latent-diffusion"
+                         " VAEs, at two resolutions)")
     args = ap.parse_args(argv)
     return run_export_cli(lambda batches: export_aoti(args.checkpoint, args.out, args.device,
-                                                      args.parts, batches),
+                                                      args.parts, batches, args.config),
                           args.parity_batches)
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ The check fails (ExportError, non-zero exit) when max_abs > TOLERANCE[precision]
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor
 
 from engine.checkpoint import CheckpointError, load_model
+from engine.models.latent_diffusion.pretrained import from_pretrained, is_pretrained_path
+from engine.models.registry import config_to_dict
 from export import manifest
 
 PARITY_BATCHES = (1, 7, 256)
@@ -82,7 +85,17 @@ def model_description(source: Source, parts: dict[str, Any]) -> dict[str, Any]:
     return manifest.model_section(source.config, *part_specs(parts["decoder"]))
 
 
-def load_source(path: str | os.PathLike, device: str = "cpu") -> Source:
+def load_source(path: str | os.PathLike, device: str = "cpu", config: str | None = None
+                ) -> Source:
+    """A vae-engine checkpoint, or a pretrained latent-diffusion VAE (a diffusers folder, an
+    LDM single file, a TAESD pair; `config` names its preset where the file cannot)."""
+    if is_pretrained_path(path):
+        model = from_pretrained(path, device=device, config=config)
+        as_json = json.loads(json.dumps(config_to_dict(model.config)))  # as manifests hold it
+        return Source(model, as_json, Path(path), 0)
+    if config is not None:
+        raise ExportError(f"--config {config} applies to pretrained VAE files; {path} is a"
+                          " checkpoint, whose config is its own")
     model, ckpt = load_model(path, device=device)
     if not hasattr(model, "export_parts"):
         raise ExportError(f"{type(model).__name__} has no export_parts(); it cannot be exported")
@@ -90,8 +103,19 @@ def load_source(path: str | os.PathLike, device: str = "cpu") -> Source:
 
 
 def default_export_dir(checkpoint: Path) -> Path:
-    """`<run_dir>/export`: checkpoints live in a run directory (run/last, run/best, ...)."""
+    """`<run_dir>/export`: checkpoints live in a run directory (run/last, run/best, ...); a
+    pretrained VAE's exports go beside it, to `<name>-export/`."""
+    if is_pretrained_path(checkpoint):
+        return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + "-export")
     return checkpoint.parent / "export"
+
+
+def parity_plan(part: Any, batches: Sequence[int] | None) -> tuple[tuple[int, ...],
+                                                                   tuple[tuple[Tensor, ...], ...]]:
+    """(batch sizes, example input sets) of a part's parity check: `batches` when given, else
+    the part's own or PARITY_BATCHES; its examples, then any at further sizes."""
+    chosen = tuple(batches or part.parity_batches or PARITY_BATCHES)
+    return chosen, (tuple(part.example_inputs), *part.parity_examples)
 
 
 def parse_parts(text: str | None, available: Sequence[str]) -> list[str]:
@@ -108,12 +132,19 @@ def parse_parts(text: str | None, available: Sequence[str]) -> list[str]:
 
 def dynamic_shapes(part: Any) -> tuple[dict[int, Any], ...]:
     """Positional torch.export dynamic shapes of an ExportPart: one `Dim` per axis name (shared
-    across inputs, e.g. "batch", "atoms"), every axis at least 1."""
+    across inputs, e.g. "batch", "atoms"), every axis at least 1. A name "base*k" is the derived
+    dim k * Dim("base") (an image side that is 8 latent pixels per latent pixel)."""
     dims: dict[str, Any] = {}
+
+    def dim(axis: str) -> Any:
+        base, _, factor = axis.partition("*")
+        d = dims.setdefault(base, torch.export.Dim(base, min=1))
+        return d * int(factor) if factor else d
+
     spec = []
     for name in part.input_names:
         axes = part.dynamic_axes.get(name, {0: "batch"})
-        spec.append({i: dims.setdefault(a, torch.export.Dim(a, min=1)) for i, a in axes.items()})
+        spec.append({i: dim(a) for i, a in axes.items()})
     return tuple(spec)
 
 
@@ -193,20 +224,26 @@ def check_parity(
     precision: str = "fp32",
     batches: Sequence[int] = PARITY_BATCHES,
     seed: int = 0,
+    more_examples: Sequence[Sequence[Tensor]] = (),
 ) -> dict[str, Any]:
-    """Run both callables on the same random inputs per batch size; print; raise if off."""
+    """Run both callables on the same random inputs per batch size (and per example set, e.g.
+    per resolution: `examples`, then `more_examples`); print; raise if off."""
     gen = torch.Generator().manual_seed(seed)
     worst = {"max_abs": 0.0, "max_rel": 0.0, "scale": 0.0, "mismatch": 0.0}
     lines = []
-    for b in batches:
-        inputs = random_inputs(names, examples, config, b, gen)
-        with torch.no_grad():
-            ref = as_tuple(reference(*inputs))
-        got = as_tuple(exported(*inputs))
-        s = compare(ref, got)
-        worst = {k: max(worst[k], s[k]) for k in worst}
-        lines.append(f"batch {b}: max_abs {s['max_abs']:.3e} max_rel {s['max_rel']:.3e}"
-                     + (f" code mismatch {s['mismatch']:.2%}" if s["mismatch"] else ""))
+    sets = (examples, *more_examples)
+    for example_set in sets:
+        for b in batches:
+            inputs = random_inputs(names, example_set, config, b, gen)
+            with torch.no_grad():
+                ref = as_tuple(reference(*inputs))
+            got = as_tuple(exported(*inputs))
+            s = compare(ref, got)
+            worst = {k: max(worst[k], s[k]) for k in worst}
+            size = f" {'x'.join(map(str, inputs[0].shape[2:]))}" if len(sets) > 1 else ""
+            lines.append(f"batch {b}{size}: max_abs {s['max_abs']:.3e} max_rel"
+                         f" {s['max_rel']:.3e}"
+                         + (f" code mismatch {s['mismatch']:.2%}" if s["mismatch"] else ""))
     tol, code_tol = TOLERANCE[precision], CODE_MISMATCH[precision]
     bound = tol * max(1.0, worst["scale"])
     ok = worst["max_abs"] <= bound and worst["mismatch"] <= code_tol
@@ -215,6 +252,8 @@ def check_parity(
     result = {"batches": list(batches), "precision": precision, "max_abs": worst["max_abs"],
               "max_rel": worst["max_rel"], "code_mismatch": worst["mismatch"],
               "tolerance": tol, "code_mismatch_tolerance": code_tol, "passed": ok}
+    if len(sets) > 1:  # per-item input shapes checked (e.g. two resolutions)
+        result["shapes"] = [[list(t.shape[1:]) for t in example_set] for example_set in sets]
     if not ok:
         raise ExportError(
             f"{label}: parity check failed: max_abs {worst['max_abs']:.3e} (allowed {bound:.1e}),"
@@ -224,13 +263,14 @@ def check_parity(
     return result
 
 
-def run_export_cli(export: Callable[[tuple[int, ...]], dict[str, Path]],
-                   parity_batches: str) -> int:
-    """The exporters' shared command-line tail: parse the parity batches, export, print what
-    was written; a bad checkpoint, part or parity failure is one `error:` line and exit 1."""
+def run_export_cli(export: Callable[[tuple[int, ...] | None], dict[str, Path]],
+                   parity_batches: str | None) -> int:
+    """The exporters' shared command-line tail: parse the parity batches (None: each part's
+    default), export, print what was written; a bad checkpoint, part or parity failure is one
+    `error:` line and exit 1."""
 
     try:
-        batches = tuple(int(b) for b in parity_batches.split(","))
+        batches = tuple(int(b) for b in parity_batches.split(",")) if parity_batches else None
         written = export(batches)
     except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,7 +12,10 @@ into one directory never lose each other's entries. Layout (format 1):
         "latent": {"kind": "gaussian" | "codes", "shape": [20], "dtype": "float32",
                    "num_codes": 0, "dynamic_axes": {}},   # non-batch dynamic axes
         "output_shape": [1, 28, 28],  # decoder output per item
-        "conditional": false, "num_classes": 0
+        "conditional": false, "num_classes": 0,
+        "latent_diffusion": {         # latent-diffusion VAEs only
+          "scaling_factor": 0.18215, "shift_factor": 0.0, "spatial_factor": 8, "prior": false,
+          "convention": "diffusion latents = (z - shift_factor) * scaling_factor; ..."}
       },
       "artifacts": {
         "decoder.onnx": {
@@ -85,7 +88,7 @@ def model_section(config: dict[str, Any], decoder_inputs: list[dict], decoder_ou
     is_codes = not latent["dtype"].startswith(("float", "bfloat"))
     names = [s["name"] for s in decoder_inputs[1:]]
     label_inputs = [n for n in names if n in LABEL_INPUTS]
-    return {
+    section = {
         "config": config,
         "family": config.get("family", ""),
         # Concrete per-item shapes (a dynamic non-batch axis, e.g. a crystal's "atoms", at its
@@ -100,6 +103,21 @@ def model_section(config: dict[str, Any], decoder_inputs: list[dict], decoder_ou
         "extra_inputs": [n for n in names if n not in LABEL_INPUTS],  # e.g. a crystal's mask
         "num_classes": int(config.get("num_classes", 0) or 0),
     }
+    if "scaling_factor" in config:
+        section["latent_diffusion"] = latent_diffusion_section(config, section)
+    return section
+
+
+def latent_diffusion_section(config: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    """What a latent-diffusion VAE's artifacts add: the latent normalization, the ratio of
+    image to latent sides (height and width are dynamic; latent.shape and output_shape hold
+    the example's) and the absence of a prior to sample from."""
+    return {"scaling_factor": float(config["scaling_factor"]),
+            "shift_factor": float(config.get("shift_factor") or 0.0),
+            "convention": "diffusion latents = (z - shift_factor) * scaling_factor; the decoder"
+                          " takes z = latents / scaling_factor + shift_factor",
+            "spatial_factor": section["output_shape"][-1] // section["latent"]["shape"][-1],
+            "prior": False}
 
 
 def artifact_entry(path: Path, part: str, fmt: str, *, inputs: list[dict], outputs: list[dict],
@@ -189,7 +207,9 @@ def artifact_metadata(model: dict[str, Any], part: str, inputs: list[dict], outp
     latent_kind "gaussian"|"codes"; latent_shape "20" or "7,7"; latent_dtype "float32"|"int64";
     output_shape "1,28,28"; input_names "z" or "z,y"; output_names "images";
     conditional "0"|"1"; num_classes "0"|"10"; num_codes "0"|"64";
-    min_batch "1"; max_batch "0" (0 = unbounded); model_config (JSON).
+    min_batch "1"; max_batch "0" (0 = unbounded); model_config (JSON);
+    latent-diffusion VAEs also: spatial_factor "8" (latent and image height and width are
+    dynamic; image side = spatial_factor * latent side), prior "0", scaling_factor, shift_factor.
     """
     join = lambda xs: ",".join(str(x) for x in xs)
     latent = model["latent"]
@@ -204,4 +224,15 @@ def artifact_metadata(model: dict[str, Any], part: str, inputs: list[dict], outp
         "num_classes": str(model["num_classes"]), "num_codes": str(latent["num_codes"]),
         "min_batch": "1", "max_batch": "0",
         "model_config": json.dumps(model["config"], sort_keys=True),
+        **_latent_diffusion_metadata(model),
     }
+
+
+def _latent_diffusion_metadata(model: dict[str, Any]) -> dict[str, str]:
+    """spatial_factor "8", prior "0", scaling_factor, shift_factor: latent-diffusion VAEs only
+    (the other families' artifacts carry exactly the keys above)."""
+    ld = model.get("latent_diffusion")
+    if not ld:
+        return {}
+    return {"spatial_factor": str(ld["spatial_factor"]), "prior": "0",
+            "scaling_factor": repr(ld["scaling_factor"]), "shift_factor": repr(ld["shift_factor"])}

@@ -2,6 +2,7 @@
 
     python -m export.onnx runs/mnist-conv                    # -> runs/mnist-conv/export/*.onnx
     python -m export.onnx runs/mnist-conv/best --out out/ --parts decoder --fp16
+    python -m export.onnx sdxl_vae.safetensors --config sdxl --out sdxl-vae-onnx/
 
 Parts come from `model.export_parts()`: decoder.onnx (z [+ y] -> images, or codes -> images for
 the VQ-VAE), encoder.onnx (images [+ y] -> mu, logvar, or images -> codes), and whatever another
@@ -14,8 +15,11 @@ family declares. Each graph:
   - holds no random op (scanned: Random*, Bernoulli, Multinomial); the noise is an input;
   - carries metadata_props: the model config JSON, latent shape, output shape, input names, ...
     (`export.manifest.artifact_metadata`);
-  - is run by ONNX Runtime (CPU) against the eager model at batches 1, 7, 256; the errors are
+  - is run by ONNX Runtime (CPU) against the eager model at batches 1, 7, 256 (latent-diffusion
+    VAEs: 1, 3, at two resolutions; their height and width are dynamic too); the errors are
     printed, and above tolerance the command fails with exit code 1.
+A pretrained latent-diffusion VAE (diffusers folder, LDM single file, TAESD pair) exports like a
+checkpoint, by default to `<path>-export/`; see docs/latent_diffusion.md.
 --fp16 writes <part>.fp16.onnx: weights and compute in fp16, inputs and outputs stay fp32.
 """
 
@@ -36,13 +40,13 @@ from engine.checkpoint import atomic_write_bytes
 from engine.models.export_wrappers import CastView
 from export import manifest
 from export.common import (
-    PARITY_BATCHES,
     ExportError,
     check_parity,
     default_export_dir,
     dynamic_shapes,
     load_source,
     model_description,
+    parity_plan,
     parse_parts,
     part_specs,
     run_export_cli,
@@ -128,7 +132,7 @@ def ort_runner(path: Path):
 
 
 def export_part(source: Any, parts: dict, name: str, out_dir: Path, opset: int, fp16: bool,
-                batches: tuple[int, ...] = PARITY_BATCHES) -> tuple[Path, dict]:
+                batches: tuple[int, ...] | None = None) -> tuple[Path, dict]:
     """Write `<out_dir>/<name>[.fp16].onnx` and check it; returns (path, manifest entry)."""
     part = parts[name]
     part.module.eval()
@@ -140,8 +144,10 @@ def export_part(source: Any, parts: dict, name: str, out_dir: Path, opset: int, 
     meta = manifest.artifact_metadata(model, name, inputs, outputs, "any", precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, finish(proto, meta, path.name))
+    batches, examples = parity_plan(part, batches)
     parity = check_parity(path.name, part.module, ort_runner(path), part.input_names,
-                          part.example_inputs, source.config, precision, batches)
+                          examples[0], source.config, precision, batches,
+                          more_examples=examples[1:])
     import onnxruntime
 
     settings["onnxruntime_checked"] = onnxruntime.__version__
@@ -153,12 +159,21 @@ def export_part(source: Any, parts: dict, name: str, out_dir: Path, opset: int, 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                 opset: int = DEFAULT_OPSET, fp16: bool = False, parts: str | None = None,
-                batches: tuple[int, ...] = PARITY_BATCHES) -> dict[str, Path]:
-    """Export the chosen parts (default: all) of a checkpoint; update `<out>/manifest.json`."""
+                batches: tuple[int, ...] | None = None, config: str | None = None
+                ) -> dict[str, Path]:
+    """Export the chosen parts (default: all) of a checkpoint, or of a pretrained VAE (`config`:
+    its preset where the file cannot tell); update `<out>/manifest.json`."""
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
-    source = load_source(checkpoint)
+    source = load_source(checkpoint, config=config)
     out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
+    return export_source(source, out_dir, opset, fp16, parts, batches)
+
+
+def export_source(source: Any, out_dir: Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                  parts: str | None = None, batches: tuple[int, ...] | None = None
+                  ) -> dict[str, Path]:
+    """export_onnx of an already loaded model (a `Source`) into `out_dir`."""
     all_parts = source.model.export_parts()
     written, entries = {}, {}
     for name in parse_parts(parts, list(all_parts)):
@@ -170,16 +185,23 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__.split("\n")[0])
-    ap.add_argument("checkpoint", help="checkpoint directory or run directory")
+    ap.add_argument("checkpoint", help="checkpoint or run directory, or a pretrained"
+                    " latent-diffusion VAE: diffusers folder, .safetensors file, TAESD pair")
+    ap.add_argument("--config", default=None,
+                    help="preset of a pretrained VAE file whose shapes are ambiguous: sd15, sdxl,"
+                         " sd3, flux, taesd, taesdxl, taef1 (default: from the shapes)")
     ap.add_argument("--out", default=None, help="export directory (default <run_dir>/export)")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     ap.add_argument("--fp16", action="store_true", help="fp16 weights/compute, fp32 I/O")
     ap.add_argument("--parts", default=None, help="comma-separated parts (default: all)")
-    ap.add_argument("--parity-batches", default=",".join(map(str, PARITY_BATCHES)))
+    ap.add_argument("--parity-batches", default=None,
+                    help="comma-separated batch sizes (default: 1,7,256; 1,3 for latent-diffusion"
+                         " VAEs, at two resolutions)")
     args = ap.parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     return run_export_cli(lambda batches: export_onnx(args.checkpoint, args.out, args.opset,
-                                                      args.fp16, args.parts, batches),
+                                                      args.fp16, args.parts, batches,
+                                                      args.config),
                           args.parity_batches)
 
 if __name__ == "__main__":

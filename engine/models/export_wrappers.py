@@ -21,9 +21,14 @@ class ExportPart:
     example_inputs: tuple[Tensor, ...]
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    # input name -> {axis index: axis name}; the batch axis is always dynamic.
+    # input name -> {axis index: axis name}; the batch axis is always dynamic. A name of the
+    # form "base*k" is k times the axis "base" (e.g. image height = 8 * latent height).
     dynamic_axes: dict[str, dict[int, str]]
     description: str = ""
+    # Parity-check overrides: batch sizes (None: the exporter's default) and further example
+    # inputs at other sizes of the dynamic non-batch axes (e.g. a second resolution).
+    parity_batches: tuple[int, ...] | None = None
+    parity_examples: tuple[tuple[Tensor, ...], ...] = ()
 
 
 BATCH = {0: "batch"}

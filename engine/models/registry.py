@@ -16,6 +16,8 @@ from torch import nn
 
 from engine.models import conv, crystal, mlp, vq
 from engine.models.base import Family
+from engine.models.latent_diffusion.autoencoder_kl import AUTOENCODER_KL_FAMILY
+from engine.models.latent_diffusion.taesd import AUTOENCODER_TINY_FAMILY
 
 
 def _table(*families: Family) -> dict[str, Family]:
@@ -35,6 +37,8 @@ FAMILIES: dict[str, Family] = _table(
     conv.CVAE_CONV_FAMILY,
     vq.VQVAE_FAMILY,
     crystal.CRYSTAL_FAMILY,
+    AUTOENCODER_KL_FAMILY,
+    AUTOENCODER_TINY_FAMILY,
 )
 
 

@@ -17,6 +17,9 @@ import torch
 from torch import Tensor
 
 from engine.checkpoint import CheckpointError, load_model, sha256
+from engine.models.latent_diffusion.layouts import LayoutError
+from engine.models.latent_diffusion.pretrained import from_pretrained, is_pretrained_path
+from engine.models.registry import config_to_dict
 from engine.runtime import ort_cpu
 from engine.runtime.ort_cuda import CudaGraphRunner, run_bound, supports_graph_ids
 from engine.runtime.types import (  # noqa: F401
@@ -261,27 +264,40 @@ class AOTInductorBackend(Backend):
         return self._boxed([z.contiguous()])[0]
 
 
+def load_eager(path: Path, device: str, config: str | None = None) -> tuple[Any, dict]:
+    """(model, model config dict) of a checkpoint/run directory or of a pretrained
+    latent-diffusion VAE (a diffusers folder, a .safetensors file, a TAESD pair)."""
+    try:
+        if is_pretrained_path(path):
+            model = from_pretrained(path, device=device, config=config)
+            return model, config_to_dict(model.config)
+        if config is not None:
+            raise SamplerError(f"config={config!r} applies to pretrained latent-diffusion VAE"
+                               f" files; {path} is a checkpoint, whose config is its own")
+        model, ckpt = load_model(path, device=device)
+    except (CheckpointError, LayoutError) as e:
+        raise SamplerError(str(e)) from e
+    return model, ckpt.config["model"]
+
+
 class EagerBackend(Backend):
-    """The PyTorch model of a checkpoint or run directory; `compile=True` wraps torch.compile
+    """The PyTorch model of a checkpoint or run directory, or of a pretrained latent-diffusion
+    VAE (`config` names its preset where the file cannot); `compile=True` wraps torch.compile
     (mode "reduce-overhead", i.e. CUDA graphs, on CUDA)."""
 
     name, requires = "eager", "torch"
 
     def __init__(self, path: Path, device: str | None = None, compile: bool = False,
-                 part: str = "decoder", loaded: tuple[Any, dict] | None = None) -> None:
+                 part: str = "decoder", loaded: tuple[Any, dict] | None = None,
+                 config: str | None = None) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if loaded is None:
-            try:
-                model, ckpt = load_model(path, device=device)
-            except CheckpointError as e:
-                raise SamplerError(str(e)) from e
-            loaded = (model, ckpt.config["model"])
-        model, config = loaded
+        model, config = loaded or load_eager(path, device, config)
         parts = {k: _on(p, device) for k, p in model.export_parts().items()}
         if part not in parts:
             raise SamplerError(f"{path}: the model exports no {part!r} part ({sorted(parts)})")
         self.path, self.device, self.compiled, self._loaded = path, torch.device(device), \
-            compile, loaded
+            compile, (model, config)
+        self.model = model
         inputs, outputs = part_specs(parts["decoder"])
         self.spec = _spec_from_section(model_section(config, inputs, outputs), inputs, outputs)
         module = parts[part].module.eval()
@@ -305,12 +321,14 @@ def _on(part: Any, device: str) -> Any:
 
 
 def _spec_from_section(section: dict, inputs: list[dict], outputs: list[dict]) -> ModelSpec:
-    latent = section["latent"]
+    latent, ld = section["latent"], section.get("latent_diffusion")
+    extra = (ld["spatial_factor"], ld["prior"], ld["scaling_factor"], ld["shift_factor"]) \
+        if ld else ()
     return ModelSpec(section["family"], latent["kind"], tuple(latent["shape"]),
                      getattr(torch, latent["dtype"]), tuple(section["output_shape"]),
                      section["conditional"], section["num_classes"], latent["num_codes"],
                      tuple(s["name"] for s in inputs), tuple(s["name"] for s in outputs),
-                     section["config"])
+                     section["config"], *extra)
 
 
 class TensorRTBackend(Backend):

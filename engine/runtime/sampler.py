@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from engine.models.latent_diffusion.layouts import LayoutError
+from engine.models.latent_diffusion.pretrained import PICKLE_SUFFIXES, refuse_pickle
 from engine.runtime.backends import (
     BACKENDS,
     FORMAT_BACKEND,
@@ -78,6 +80,8 @@ def resolve(path: str | os.PathLike, backend: str | None, device: str | None
             raise SamplerError(f"{p} is a checkpoint/run directory: it runs with the eager backend;"
                                f" for {backend!r} pass an export directory or an artifact file")
         return backend or "eager", p
+    if p.suffix == ".safetensors" or p.suffix.lower() in PICKLE_SUFFIXES:
+        return _pretrained_file(p, backend)
     kind = SUFFIX_BACKEND.get(p.suffix)
     if kind is None:
         raise SamplerError(f"cannot tell what {p} is: expected a {'/'.join(SUFFIX_BACKEND)} file,"
@@ -87,6 +91,21 @@ def resolve(path: str | os.PathLike, backend: str | None, device: str | None
                            " build the matching artifact (export.onnx / export.aoti /"
                            " export.tensorrt) or drop --backend")
     return kind, p
+
+
+def _pretrained_file(p: Path, backend: str | None) -> tuple[str, Path]:
+    """A latent-diffusion VAE file (LDM single file, TAESD half): the eager backend."""
+    try:
+        refuse_pickle(p)
+    except LayoutError as e:
+        raise SamplerError(str(e)) from e
+    if not p.exists():
+        raise SamplerError(f"{p} does not exist")
+    if backend not in (None, "eager", "compile"):
+        raise SamplerError(f"{p.name} is a weights file: it runs with the eager or compile"
+                           f" backend; for {backend!r} export it first (python -m export.onnx"
+                           f" {p} / python -m export.aoti {p}) and load the export directory")
+    return backend or "eager", p
 
 
 # --- the sampler ---------------------------------------------------------------------------------
@@ -102,6 +121,7 @@ class Sampler:
         self._tail = torch.Size(spec.latent_shape)
         self._dtype = spec.latent_dtype
         self._cond = spec.conditional
+        self._spatial = spec.spatial_factor  # > 0: latent height and width are dynamic
         # decode() goes straight to run1 when nothing else can be needed: unconditional, one
         # output, no lower/upper batch bound, latents already on the device, no autograd.
         single = len(spec.output_names) == 1 and len(spec.input_names) == 1
@@ -118,19 +138,26 @@ class Sampler:
     def load(cls, path: str | os.PathLike, backend: str | None = None,
              device: str | None = None, compile: bool = False,
              threads: int | None = None, cuda_graphs: bool = True,
-             cpu_rewrites: bool = True) -> Sampler:
+             cpu_rewrites: bool = True, config: str | None = None) -> Sampler:
         """Open an artifact (.onnx / .engine / .plan / .pt2), an export directory (its decoder,
         on the fastest installed backend) or a checkpoint/run directory (PyTorch eager, or
         torch.compile with compile=True). `threads` sizes ONNX Runtime's intra-op pool;
         `cuda_graphs` lets ONNX Runtime's CUDA EP capture and replay CUDA graphs;
         `cpu_rewrites` lets its CPU backend run exact, faster forms of some convolutions
-        (engine.runtime.ort_cpu; `info.graph_rewrites` lists them)."""
+        (engine.runtime.ort_cpu; `info.graph_rewrites` lists them). A pretrained
+        latent-diffusion VAE (a diffusers folder, a .safetensors file, a TAESD pair) runs on the
+        eager backend; `config` names its preset where the file cannot (sd15, sdxl, sd3, flux).
+        """
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
         cls_ = BACKENDS[name]  # each backend imports its library itself and says if it's missing
         if cls_ is EagerBackend:
-            return cls(EagerBackend(artifact, device, compile or backend == "compile"), artifact)
+            return cls(EagerBackend(artifact, device, compile or backend == "compile",
+                                    config=config), artifact)
+        if config is not None:
+            raise SamplerError(f"config={config!r} applies to pretrained VAE files; {artifact}"
+                               " carries its own config")
         if cls_ is OnnxRuntimeBackend:
             return cls(cls_(artifact, device, threads, cuda_graphs, cpu_rewrites), artifact)
         return cls(cls_(artifact, device), artifact)
@@ -156,7 +183,7 @@ class Sampler:
 
         Batches larger than the engine's profile are split; smaller ones are padded."""
         if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
-            self._latent_error(z)
+            self._check_latent(z)
         if (self._direct and labels is None and not extra and not z.requires_grad
                 and (z.is_cpu if self._cpu else z.device == self.device) and z.shape[0]):
             if self._check_direct:
@@ -201,8 +228,17 @@ class Sampler:
         chunks = [run([t[i:i + hi] for t in inputs]) for i in range(0, n, hi)]
         return [torch.cat(list(outs)) for outs in zip(*chunks)]
 
+    def _check_latent(self, z: Any) -> None:
+        """The latent check off the fast path: a latent-diffusion latent (B, C, h, w) of any
+        h, w passes; anything else that is not exactly the expected shape raises."""
+        if not (self._spatial and type(z) is Tensor and z.dtype is self._dtype and z.dim() == 4
+                and z.shape[1] == self._tail[0] and z.shape[2] and z.shape[3]):
+            self._latent_error(z)
+
     def _latent_error(self, z: Any) -> None:
         want = f"(B, {', '.join(map(str, self.spec.latent_shape))}) {_dt(self._dtype)}"
+        if self._spatial:
+            want = f"(B, {self._tail[0]}, h, w) {_dt(self._dtype)}"
         if not isinstance(z, Tensor):
             raise TypeError(f"decode(): expected a torch.Tensor latent of shape {want}, got"
                             f" {type(z).__name__}")
@@ -236,6 +272,11 @@ class Sampler:
     # --- sample -------------------------------------------------------------------------------
     def latents(self, n: int, seed: int | None = None) -> Tensor:
         """n prior draws on `device`: N(0, I) latents, or uniform codes for the VQ-VAE."""
+        if not self.spec.has_prior:
+            raise SamplerError(
+                f"this {self.spec.family} VAE has no prior to sample from: its latents come from"
+                " a diffusion model (N(0, I) draws decode to noise); decode latents with"
+                " decode(z) (python -m engine.sample decode LATENTS --vae ...)")
         gen = self._gen if seed is None else torch.Generator(self.device).manual_seed(seed)
         shape = (n, *self.spec.latent_shape)
         if self.spec.latent_kind == "codes":
@@ -280,7 +321,9 @@ class Sampler:
     def encode(self, x: Tensor, labels: Any = None) -> Tensor | tuple[Tensor, ...]:
         """images (B, *output_shape) [+ labels] -> (mu, logvar), or codes for the VQ-VAE."""
         shape = torch.Size(self.spec.output_shape)
-        if not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
+        if self._spatial and isinstance(x, Tensor):
+            self._check_spatial_images(x)
+        elif not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
             got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"encode(): expected images of shape (B, {', '.join(map(str, shape))})"
                              f" float32, got {got}")
@@ -293,6 +336,17 @@ class Sampler:
             inputs += (self._labels(labels, x.shape[0]),)
         outs = self._run_batched(self._encoder.run, self._encoder.batch_range, inputs)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+    def _check_spatial_images(self, x: Tensor) -> None:
+        """Images (B, C, H, W) for a latent-diffusion encoder: H, W multiples of the factor."""
+        c, f = self.spec.output_shape[0], self._spatial
+        if x.dim() != 4 or x.shape[1] != c or not x.is_floating_point():
+            raise ValueError(f"encode(): expected float images of shape (B, {c}, H, W) in"
+                             f" [-1, 1], got {tuple(x.shape)} {_dt(x.dtype)}")
+        if x.shape[2] % f or x.shape[3] % f or not x.shape[2] or not x.shape[3]:
+            raise ValueError(f"encode(): image height and width must be positive multiples of"
+                             f" {f}, got {tuple(x.shape[2:])}; crop or pad the images")
 
 
 def _dt(dtype: torch.dtype) -> str:

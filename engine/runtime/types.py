@@ -33,6 +33,12 @@ class ModelSpec:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     config: dict[str, Any]
+    # Latent-diffusion VAEs: latents (C, h, w) and images (3, f h, f w) for any h, w >= 1, with
+    # f = spatial_factor (latent_shape/output_shape hold an example); 0: shapes are fixed.
+    spatial_factor: int = 0
+    has_prior: bool = True  # False: no N(0, I) prior to sample (latent-diffusion VAEs)
+    scaling_factor: float = 1.0  # diffusion latents = (z - shift_factor) * scaling_factor
+    shift_factor: float = 0.0
 
     @property
     def extra_inputs(self) -> tuple[str, ...]:
@@ -52,7 +58,9 @@ class ModelSpec:
                    ints(meta["output_shape"]), meta.get("conditional") == "1",
                    int(meta.get("num_classes", 0)), int(meta.get("num_codes", 0)),
                    names(meta["input_names"]), names(meta.get("output_names", "images")),
-                   json.loads(meta.get("model_config", "{}")))
+                   json.loads(meta.get("model_config", "{}")),
+                   int(meta.get("spatial_factor", 0)), meta.get("prior", "1") != "0",
+                   float(meta.get("scaling_factor", 1.0)), float(meta.get("shift_factor", 0.0)))
 
 
 @dataclass(frozen=True)
