@@ -25,6 +25,7 @@ from engine.distributions import DiagonalGaussian
 from engine.models.base import BaseVAE, ModelOutput
 from engine.models.export_wrappers import BATCH, ExportPart
 from engine.models.latent_diffusion.precision import HALF_DTYPES, rerun_nonfinite_rows
+from engine.models.tiling import tiled_decode, tiled_encode
 
 LATENT_AXES = {**BATCH, 2: "latent_height", 3: "latent_width"}
 # Image axes are `downsample_factor` times the latent axes (exported as derived dims, so the
@@ -114,6 +115,25 @@ class LatentDiffusionVAE(BaseVAE):
         self._check_latent(z, "decode")
         self._check_labels(y, z.shape[0], "decode")
         return self._guarded(lambda t: (self._decode_logits(t, None),), z)[0]
+
+    def tiled_decode(self, z: Tensor, tile_size: int = 32, overlap: int | None = None,
+                     offload: str = "auto") -> Tensor:
+        """decode(z) tile by tile, equal to it up to float rounding, with memory bounded by the
+        tile (engine.models.tiling; tile_size in latent pixels, offload "auto"/"none"/"host").
+        The fp16/bf16 overflow rerun applies as in decode."""
+        self._check_latent(z, "tiled_decode")
+        return self._guarded(lambda t: (tiled_decode(self, t, tile_size, overlap, offload),), z)[0]
+
+    def tiled_encode(self, x: Tensor, tile_size: int = 256, overlap: int | None = None,
+                     offload: str = "auto") -> DiagonalGaussian:
+        """encode(x) tile by tile, equal to it up to float rounding (tile_size in image px)."""
+        self._check_input(x, "tiled_encode")
+
+        def run(t: Tensor) -> tuple[Tensor, ...]:
+            out = tiled_encode(self, t, tile_size, overlap, offload)
+            return (out.mean, out.logvar) if isinstance(out, DiagonalGaussian) else (out,)
+
+        return self._posterior(self._guarded(run, x))
 
     def _guarded(self, run: Any, x: Tensor) -> tuple[Tensor, ...]:
         """run(x) in the model's dtype; in fp16/bf16, rows with NaN/inf are redone in fp32."""

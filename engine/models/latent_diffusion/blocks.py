@@ -1,7 +1,7 @@
 """Building blocks of the latent-diffusion AutoencoderKL, named as diffusers names them.
 
 Every module below has exactly the parameter names of its diffusers counterpart, so a
-diffusers state dict loads with no renaming, and `engine.models.ld_tiling` can walk the tree.
+diffusers state dict loads with no renaming, and `engine.models.tiling` can walk the tree.
 
     ResnetBlock      x -> conv2(silu(gn2(conv1(silu(gn1(x)))))) + shortcut(x)
                      shortcut: 1x1 `conv_shortcut` when channels change, else identity
@@ -25,12 +25,16 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
+
 GN_EPS = 1e-6
 
 
 def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """silu(group_norm(x)): (B, C, H, W) -> (B, C, H, W)."""
-    return F.silu(norm(x))
+    """silu(group_norm(x)): (B, C, H, W) -> (B, C, H, W), through the fused GroupNorm + SiLU op
+    (Triton on CUDA or under TRITON_INTERPRET=1, else F.group_norm then F.silu; the reference
+    while exporting)."""
+    return kernels.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:

@@ -51,8 +51,11 @@ def model_kind(model: nn.Module) -> str:
 
 
 def _mid_layers(mid: nn.Module) -> list[Layer]:
+    """resnets[0], then (attentions[i], resnets[i + 1]) pairs. Without attention, diffusers
+    keeps `attentions = [None]` and our MidBlock an empty list: both mean "no attention"."""
     layers: list[Layer] = [ResnetLayer(mid.resnets[0])]
-    for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
+    attentions = list(mid.attentions) or [None] * (len(mid.resnets) - 1)
+    for attn, resnet in zip(attentions, mid.resnets[1:], strict=True):
         if attn is not None:
             layers.append(AttentionLayer(attn))
         layers.append(ResnetLayer(resnet))
