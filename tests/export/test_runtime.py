@@ -229,8 +229,11 @@ def test_unknown_or_mismatched_backend(onnx_exported, tmp_path):
         Sampler.load(export_dir / "decoder.onnx", backend="aoti")
     with pytest.raises(SamplerError, match="no decoder artifact for backend"):
         Sampler.load(export_dir, backend="tensorrt", device="cuda")
-    (tmp_path / "model.bin").write_bytes(b"x")
+    (tmp_path / "model.xyz").write_bytes(b"x")
     with pytest.raises(SamplerError, match="cannot tell what"):
+        Sampler.load(tmp_path / "model.xyz")
+    (tmp_path / "model.bin").write_bytes(b"x")  # a pickle: refused before anything reads it
+    with pytest.raises(SamplerError, match="never unpickles"):
         Sampler.load(tmp_path / "model.bin")
 
 
