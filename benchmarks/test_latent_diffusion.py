@@ -4,6 +4,8 @@ eager, torch.compile, ONNX Runtime and AOTInductor backends, side by side in one
     pytest benchmarks/test_latent_diffusion.py --benchmark-only -p no:cacheprovider \\
         --benchmark-columns=median,min,max,rounds --benchmark-group-by=group
 
+On a shared machine add `--benchmark-timer time.process_time`: CPU seconds per decode, which
+other jobs perturb far less than wall time (images_per_s then reads per CPU second).
 Groups: ld-decode-sd15-256px-fp32 (a 32x32 latent, batch 1, 256 px) and
 ld-decode-sd15-256px-bf16 (eager only; the error against fp32 is in extra_info). One decode
 costs seconds here, so rounds are few; exports and compiles happen once per session (module
