@@ -263,14 +263,29 @@ def check_parity(
     return result
 
 
+def parse_parity_batches(text: str | None) -> tuple[int, ...] | None:
+    """'1,7,256' -> (1, 7, 256); None -> None (each part's default). Every batch must be >= 1:
+    a parity check over no rows would record a pass that compared nothing."""
+    if text is None:
+        return None
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        message = f"--parity-batches takes batch sizes such as 1,7,256; got {text!r}"
+        raise ValueError(message) from None
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--parity-batches must list batch sizes >= 1 (a parity check of 0 rows"
+                         f" compares nothing); got {text!r}")
+    return batches
+
+
 def run_export_cli(export: Callable[[tuple[int, ...] | None], dict[str, Path]],
                    parity_batches: str | None) -> int:
     """The exporters' shared command-line tail: parse the parity batches (None: each part's
     default), export, print what was written; a bad checkpoint, part or parity failure is one
     `error:` line and exit 1."""
-
     try:
-        batches = tuple(int(b) for b in parity_batches.split(",")) if parity_batches else None
+        batches = parse_parity_batches(parity_batches)
         written = export(batches)
     except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

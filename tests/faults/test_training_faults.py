@@ -182,3 +182,4 @@ def test_defaults_follow_the_presets_recipe(argv, batch, ema):
 
     args = parse_train_args(build_parser, argv)
     assert (args.batch_size, args.ema) == (batch, ema)
+
