@@ -12,7 +12,7 @@ EPOCHS=${EPOCHS:-3}
 PY=.venv/bin/python
 
 $PY -m engine.train --model mlp --dataset mnist --epochs "$EPOCHS" --compile --out "$OUT" \
-    --no-progress
+    --overwrite --no-progress
 $PY -m engine.sample "$OUT" --n 64 --seed 0 --out "$OUT/samples_checkpoint.png"
 $PY -m export.onnx "$OUT" --out "$OUT/export"
 $PY -m engine.sample "$OUT/export/decoder.onnx" --n 64 --seed 0 --out "$OUT/samples_onnx.png"

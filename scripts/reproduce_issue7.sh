@@ -37,7 +37,7 @@ timed() {  # timed NAME CMD...: run CMD, append "NAME <seconds> s" to $RUNS/time
 quality_long() {  # the same model and recipe, 100 epochs (470 s on an idle machine)
   timed quality-long-train $PY -m engine.train --preset mlp-mnist-large --binarize \
     --epochs 100 --batch-size 256 --lr 2e-3 --lr-schedule cosine --compile --seed 0 \
-    --no-progress --out "$RUNS/mnist-long"
+    --no-progress --overwrite --out "$RUNS/mnist-long"
   timed quality-long-iwae1000 $PY -m engine.evaluate "$RUNS/mnist-long" --iw-samples 1000 \
     --out "$RESULTS/mnist_quality_100ep.json"
 }
@@ -45,7 +45,7 @@ quality_long() {  # the same model and recipe, 100 epochs (470 s on an idle mach
 quality() {
   timed quality-train $PY -m engine.train --preset mlp-mnist-large --binarize --epochs 40 \
     --batch-size 256 --lr 2e-3 --lr-schedule cosine --compile --seed 0 --no-progress \
-    --out "$RUNS/mnist-quality"
+    --overwrite --out "$RUNS/mnist-quality"
   timed quality-iwae1000 $PY -m engine.evaluate "$RUNS/mnist-quality" --iw-samples 1000 \
     --out "$RESULTS/mnist_quality.json"
   $PY -m engine.plot "$RUNS/mnist-quality"
@@ -61,7 +61,7 @@ quality() {
 fmnist() {
   timed fmnist-train $PY -m engine.train --model conv --preset conv-fmnist-2d \
     --dataset fashion-mnist --epochs 3 --batch-size 256 --compile --seed 0 --no-progress \
-    --out "$RUNS/fmnist-2d"
+    --overwrite --out "$RUNS/fmnist-2d"
   $PY -m engine.sample grid "$RUNS/fmnist-2d" --dims 0 1 --range -2.5 2.5 --n 15 \
     --out "$RESULTS/fmnist_latent_grid.png"
   $PY -m engine.plot "$RUNS/fmnist-2d" --max-images 10000
@@ -73,7 +73,7 @@ anomaly() {
   local reports=()
   for c in 0 1 2 3 4 5 6 7 8 9; do
     timed "anomaly-train-$c" $PY -m engine.train --binarize --exclude-class "$c" --epochs 5 \
-      --batch-size 256 --seed 0 --no-progress --out "$RUNS/anomaly/no$c"
+      --batch-size 256 --ema 0 --seed 0 --no-progress --overwrite --out "$RUNS/anomaly/no$c"
     timed "anomaly-eval-$c" $PY -m engine.evaluate "$RUNS/anomaly/no$c" --anomaly \
       --holdout-class "$c" --out "$RUNS/anomaly/no$c/anomaly.json"
     reports+=("$RUNS/anomaly/no$c/anomaly.json")
@@ -123,13 +123,12 @@ import sys
 from engine.models import registry
 from engine.train import main
 name, threshold, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
-registry._ensure_registered()
 registry.PRESETS[f"vq-{name}"] = ("vqvae", {"hidden_dim": 32, "num_res_blocks": 1,
                                             "num_codes": 256, "code_dim": 16,
                                             "dead_code_threshold": threshold})
 sys.exit(main(["--model", "vqvae", "--preset", f"vq-{name}", "--max-steps", "600",
                "--epochs", "2", "--batch-size", "128", "--seed", "0", "--no-progress",
-               "--out", out]))
+               "--overwrite", "--out", out]))
 EOF
 }
 
