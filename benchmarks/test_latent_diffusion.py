@@ -27,7 +27,7 @@ from engine.runtime import Sampler
 from engine.runtime.backends import EagerBackend
 from export import aoti as aoti_export
 from export import onnx as onnx_export
-from export.common import Source
+from export.common import model_source
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the baseline")
 
@@ -57,7 +57,7 @@ _RUNNERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 
 
 def _exported(model, tmp_dir, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    source = Source(model, config_to_dict(model.config), tmp_dir, 0)
+    source = model_source(model, tmp_dir)
     if backend == "onnxruntime":
         written = onnx_export.export_source(source, tmp_dir, parts="decoder", batches=(1,))
     else:

@@ -90,9 +90,7 @@ def load_source(path: str | os.PathLike, device: str = "cpu", config: str | None
     """A vae-engine checkpoint, or a pretrained latent-diffusion VAE (a diffusers folder, an
     LDM single file, a TAESD pair; `config` names its preset where the file cannot)."""
     if is_pretrained_path(path):
-        model = from_pretrained(path, device=device, config=config)
-        as_json = json.loads(json.dumps(config_to_dict(model.config)))  # as manifests hold it
-        return Source(model, as_json, Path(path), 0)
+        return model_source(from_pretrained(path, device=device, config=config), Path(path))
     if config is not None:
         raise ExportError(f"--config {config} applies to pretrained VAE files; {path} is a"
                           " checkpoint, whose config is its own")
@@ -100,6 +98,12 @@ def load_source(path: str | os.PathLike, device: str = "cpu", config: str | None
     if not hasattr(model, "export_parts"):
         raise ExportError(f"{type(model).__name__} has no export_parts(); it cannot be exported")
     return Source(model, ckpt.config["model"], ckpt.path, ckpt.step)
+
+
+def model_source(model: torch.nn.Module, path: Path) -> Source:
+    """A Source for a model loaded in memory (not from a checkpoint), its config as JSON holds
+    it (lists, not tuples), so manifests written from it compare equal when read back."""
+    return Source(model, json.loads(json.dumps(config_to_dict(model.config))), Path(path), 0)
 
 
 def default_export_dir(checkpoint: Path) -> Path:

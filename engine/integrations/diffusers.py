@@ -42,12 +42,12 @@ from engine.models.latent_diffusion.base import (
     LatentEncoderView,
 )
 from engine.models.latent_diffusion.configs import from_diffusers_json
-from engine.models.registry import FAMILIES, config_to_dict
+from engine.models.latent_diffusion.pretrained import MODEL_CLS
 from engine.runtime import Sampler
 from export import aoti as aoti_export
 from export import manifest
 from export import onnx as onnx_export
-from export.common import Source
+from export.common import model_source
 
 BACKENDS = ("onnxruntime", "aoti", "compile")
 
@@ -57,8 +57,7 @@ def engine_model(vae: nn.Module) -> LatentDiffusionVAE:
     AutoencoderTiny: the layouts are the same, only the config is translated."""
     name = type(vae).__name__
     config = from_diffusers_json({**dict(vae.config), "_class_name": name}, f"{name}.config")
-    model_cls = next(f.model_cls for f in FAMILIES.values() if f.config_cls is type(config))
-    model = model_cls(config)
+    model = MODEL_CLS[type(config)](config)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in vae.state_dict().items()})
     return model.eval()
 
@@ -83,7 +82,7 @@ def export_for(model: LatentDiffusionVAE, backend: str, cache_dir: str | Path | 
               if e.get("format") == fmt and (out / e["file"]).is_file()}
     if {"decoder", "encoder"} <= listed:
         return out
-    source = Source(model, config_to_dict(model.config), out, 0)
+    source = model_source(model, out)
     if backend == "onnxruntime":
         onnx_export.export_source(source, out)
     else:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from engine.models.latent_diffusion.layouts import LayoutError
-from engine.models.latent_diffusion.pretrained import PICKLE_SUFFIXES, refuse_pickle
+from engine.models.latent_diffusion.pretrained import refuse_pickle
 from engine.runtime.backends import (
     BACKENDS,
     FORMAT_BACKEND,
@@ -80,12 +80,13 @@ def resolve(path: str | os.PathLike, backend: str | None, device: str | None
             raise SamplerError(f"{p} is a checkpoint/run directory: it runs with the eager backend;"
                                f" for {backend!r} pass an export directory or an artifact file")
         return backend or "eager", p
-    if p.suffix == ".safetensors" or p.suffix.lower() in PICKLE_SUFFIXES:
+    if p.suffix == ".safetensors":
         return _pretrained_file(p, backend)
     kind = SUFFIX_BACKEND.get(p.suffix)
     if kind is None:
         raise SamplerError(f"cannot tell what {p} is: expected a {'/'.join(SUFFIX_BACKEND)} file,"
-                           " an export directory with manifest.json, or a checkpoint/run directory")
+                           " an export directory with manifest.json, or a checkpoint/run directory"
+                           + _pickle_hint(p))
     if backend is not None and backend != kind:
         raise SamplerError(f"{p.name} is a {kind} artifact, not one for backend {backend!r};"
                            " build the matching artifact (export.onnx / export.aoti /"
@@ -93,12 +94,17 @@ def resolve(path: str | os.PathLike, backend: str | None, device: str | None
     return kind, p
 
 
-def _pretrained_file(p: Path, backend: str | None) -> tuple[str, Path]:
-    """A latent-diffusion VAE file (LDM single file, TAESD half): the eager backend."""
+def _pickle_hint(p: Path) -> str:
+    """For a pickle (.ckpt, .bin, .pt, ...): why it is refused and how to convert it."""
     try:
         refuse_pickle(p)
     except LayoutError as e:
-        raise SamplerError(str(e)) from e
+        return f"; {e}"
+    return ""
+
+
+def _pretrained_file(p: Path, backend: str | None) -> tuple[str, Path]:
+    """A latent-diffusion VAE file (LDM single file, TAESD half): the eager backend."""
     if not p.exists():
         raise SamplerError(f"{p} does not exist")
     if backend not in (None, "eager", "compile"):

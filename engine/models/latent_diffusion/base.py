@@ -224,7 +224,8 @@ class LatentEncoderView(nn.Module):
 
 
 def _axes(template: dict[int, str], factor: int) -> dict[int, str]:
-    return {i: name.format(f=factor) for i, name in template.items()}
+    names = {i: name.format(f=factor) for i, name in template.items()}
+    return {i: name.removesuffix("*1") for i, name in names.items()}  # one level: same axis
 
 
 def latent_diffusion_parts(model: LatentDiffusionVAE, batch: int = 2) -> dict[str, ExportPart]:
