@@ -99,7 +99,9 @@ def _model_handle(model, tile: int | None, overlap: int, path: str) -> VaeHandle
         with torch.inference_mode():
             x = x.to(device)
             if tile:
-                post = model.tiled_encode(x, tile_size=tile, overlap=overlap)
+                # --tile is in latent pixels; tiled_encode takes image pixels
+                post = model.tiled_encode(x, tile_size=tile * model.downsample_factor,
+                                          overlap=overlap)
             else:
                 post = model.encode(x)
         outs = (post.mean, post.logvar) if model.encoder_output_names[0] == "mean" else \
