@@ -125,7 +125,8 @@ def parse_train_args(make_parser: Callable[[], ArgumentParser],
         return with_recipe(args, given)
     if args.out is None:
         raise ValueError("--resume needs --out RUN_DIR: the run directory to continue")
-    saved = ckpt.read(args.out).config.get("train", {})
+    # Unverified here: build_run reads (and hashes) the same checkpoint before training.
+    saved = ckpt.read(args.out, verify=False).config.get("train", {})
     return resumed_args(args, given, saved)
 
 
