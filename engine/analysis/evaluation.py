@@ -184,6 +184,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     model, c = ckpt.load_model(resolve_checkpoint(args.checkpoint), ema=args.ema,
                                device=args.device)
+    if model.family == "vqvae" and (args.anomaly or args.iw_samples > 1):  # before any data
+        raise ValueError("a VQ-VAE has no ELBO/IWAE here: --anomaly and --iw-samples need a"
+                         " Gaussian-latent model")
     train_cfg = dict(c.config.get("train", {}))
     if args.dataset:
         train_cfg["dataset"] = args.dataset
@@ -195,9 +198,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     recon = recon_kind(model, train_cfg)
     report["recon_loss"] = recon
     if model.family == "vqvae":
-        if args.anomaly or args.iw_samples > 1:
-            raise ValueError("a VQ-VAE has no ELBO/IWAE here: --anomaly and --iw-samples need a"
-                             " Gaussian-latent model")
         report.update(vq_report(model, loader, recon))
     else:
         stats = gaussian_pass(model, loader, recon, args.iw_samples, args.max_rows, args.seed)
