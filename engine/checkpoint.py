@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.models.latent_diffusion.pretrained import PICKLE_SUFFIXES
 from engine.models.registry import config_to_dict, model_from_config
 
 FORMAT_VERSION = 1
@@ -187,6 +188,13 @@ def resolve(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file() and p.name in (*WEIGHT_FILES, "config.json", "state.json"):
         p = p.parent
+    elif p.is_file():
+        pickle = p.suffix.lower() in PICKLE_SUFFIXES
+        raise CheckpointError(
+            f"{p} is a file, not a checkpoint: expected a run directory (with last/ or best/) or a"
+            " checkpoint directory" + ("; it is a pickle, which this engine never loads (it runs"
+                                       " code): save its state_dict with safetensors" if pickle
+                                       else ""))
     for base in (p, p / "last", p / "best"):
         found = _settled(base)
         if found is not None:

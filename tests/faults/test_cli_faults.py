@@ -1,0 +1,165 @@
+"""A hostile user at every command line: corrupt files and bad flags, driven through each CLI's
+real `main(argv)`. Every case must end in one `error:` line (argparse's own usage error counts:
+it is the ecosystem's convention for a flag of the wrong type), a non-zero exit, no traceback,
+and leave every file that existed before byte-identical with no half-written file visible."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import anomaly, evaluate, plot, sample
+from engine.checkpoint import save
+from engine.models import build_model
+from export import onnx as export_onnx
+
+from .conftest import DATA_DIR, assert_intact, snapshot
+
+CLIS: dict[str, Callable[[list[str]], int]] = {
+    "sample": sample.main, "evaluate": evaluate.main, "export.onnx": export_onnx.main,
+    "plot": plot.main, "anomaly": anomaly.main,
+}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A run dir (last/ of a tiny MLP VAE) with an ONNX export: built once, copied per case."""
+    root = tmp_path_factory.mktemp("pristine")
+    model = build_model("mlp", preset="mlp-mnist", hidden_dims=(16,), latent_dim=4)
+    save(root / "run" / "last", model.eval(), train_config={"dataset": "mnist"})
+    assert export_onnx.main([str(root / "run"), "--parity-batches", "1,3"]) == 0
+    torch.save({"w": torch.zeros(2)}, root / "weights.pt")  # a pickle a user might try
+    return root
+
+
+@pytest.fixture
+def world(pristine, tmp_path) -> Path:
+    shutil.copytree(pristine, tmp_path / "w")
+    return tmp_path / "w"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(torch.randint(0, 256, (257,), dtype=torch.uint8).numpy().tobytes())
+
+
+# (id, mutation of the world, cli, argv with {w} for the world's path)
+CORRUPT = [
+    ("truncated-weights-sample", lambda w: _truncate(w / "run/last/model.safetensors"),
+     "sample", ["random", "{w}/run", "--n", "4", "--out", "{w}/s.png"]),
+    ("truncated-weights-evaluate", lambda w: _truncate(w / "run/last/model.safetensors"),
+     "evaluate", ["{w}/run", "--data-dir", DATA_DIR]),
+    ("truncated-weights-export", lambda w: _truncate(w / "run/last/model.safetensors"),
+     "export.onnx", ["{w}/run"]),
+    ("garbage-weights-export", lambda w: _garbage(w / "run/last/model.safetensors"),
+     "export.onnx", ["{w}/run"]),
+    ("state-json-not-json", lambda w: (w / "run/last/state.json").write_text("{oops"),
+     "sample", ["random", "{w}/run", "--n", "4", "--out", "{w}/s.png"]),
+    ("config-json-missing", lambda w: (w / "run/last/config.json").unlink(),
+     "sample", ["random", "{w}/run", "--n", "4", "--out", "{w}/s.png"]),
+    ("config-unknown-family", lambda w: _edit_config(w, family="nope"),
+     "export.onnx", ["{w}/run"]),
+    ("truncated-onnx", lambda w: _truncate(w / "run/export/decoder.onnx"),
+     "sample", ["random", "{w}/run/export", "--n", "4", "--out", "{w}/s.png"]),
+    ("garbage-onnx-file", lambda w: _garbage(w / "run/export/decoder.onnx"),
+     "sample", ["random", "{w}/run/export/decoder.onnx", "--n", "4", "--out", "{w}/s.png"]),
+    ("manifest-not-json", lambda w: (w / "run/export/manifest.json").write_text("[1,"),
+     "sample", ["random", "{w}/run/export", "--n", "4", "--out", "{w}/s.png"]),
+    ("manifest-wrong-format", lambda w: (w / "run/export/manifest.json").write_text("{}"),
+     "sample", ["random", "{w}/run/export", "--n", "4", "--out", "{w}/s.png"]),
+    ("garbage-engine-file", lambda w: _garbage(w / "model.engine"),
+     "sample", ["random", "{w}/model.engine", "--n", "4", "--out", "{w}/s.png"]),
+    ("garbage-pt2-file", lambda w: _garbage(w / "model.pt2"),
+     "sample", ["random", "{w}/model.pt2", "--n", "4", "--out", "{w}/s.png"]),
+    ("pickle-given-to-sample", lambda w: None,
+     "sample", ["random", "{w}/weights.pt", "--n", "4", "--out", "{w}/s.png"]),
+    ("pickle-given-to-export", lambda w: None, "export.onnx", ["{w}/weights.pt"]),
+    ("missing-run", lambda w: None, "export.onnx", ["{w}/nowhere"]),
+    ("garbage-latents-file", lambda w: _garbage(w / "z.safetensors"),
+     "sample", ["decode", "{w}/z.safetensors", "--vae", "{w}/run", "--out", "{w}/dec"]),
+    ("anomaly-report-not-json", lambda w: (w / "r.json").write_text("nope"),
+     "anomaly", ["{w}/r.json"]),
+    ("plot-not-a-run", lambda w: None, "plot", ["{w}/nowhere", "--curves-only"]),
+]
+
+BAD_FLAGS = [
+    ("sample-n-0", "sample", ["random", "{w}/run/export", "--n", "0", "--out", "{w}/s.png"]),
+    ("sample-n-negative", "sample", ["random", "{w}/run/export", "--n", "-3", "--out", "{w}/s.png"]),
+    ("sample-n-float", "sample", ["random", "{w}/run/export", "--n", "2.5", "--out", "{w}/s.png"]),
+    ("sample-batch-0", "sample", ["random", "{w}/run/export", "--batch-size", "0",
+                                  "--out", "{w}/s.png"]),
+    ("sample-nrow-0", "sample", ["random", "{w}/run/export", "--nrow", "0", "--out", "{w}/s.png"]),
+    ("sample-unknown-backend", "sample", ["random", "{w}/run/export", "--backend", "tpu",
+                                          "--out", "{w}/s.png"]),
+    ("sample-bad-device", "sample", ["random", "{w}/run/export", "--device", "gpu",
+                                     "--out", "{w}/s.png"]),
+    ("sample-labels-unconditional", "sample", ["random", "{w}/run", "--labels", "3",
+                                               "--out", "{w}/s.png"]),
+    ("sample-unknown-image-suffix", "sample", ["random", "{w}/run/export", "--out", "{w}/s.xyz"]),
+    ("sample-interpolate-bad-method", "sample", ["interpolate", "{w}/run", "--method", "cubic",
+                                                 "--data-dir", DATA_DIR, "--out", "{w}/i.png"]),
+    ("evaluate-batch-0", "evaluate", ["{w}/run", "--batch-size", "0", "--data-dir", DATA_DIR]),
+    ("evaluate-unknown-dataset", "evaluate", ["{w}/run", "--dataset", "cifar99",
+                                              "--data-dir", DATA_DIR]),
+    ("export-opset-too-old", "export.onnx", ["{w}/run", "--opset", "9"]),
+    ("export-unknown-part", "export.onnx", ["{w}/run", "--parts", "wings"]),
+    ("export-out-is-a-file", "export.onnx", ["{w}/run", "--out", "{w}/weights.pt"]),
+    ("plot-max-images-0", "plot", ["{w}/run", "--max-images", "0", "--data-dir", DATA_DIR]),
+]
+
+
+def _edit_config(w: Path, **model: str) -> None:
+    path = w / "run/last/config.json"
+    config = json.loads(path.read_text())
+    config["model"].update(model)
+    path.write_text(json.dumps(config))
+
+
+def _run(cli: str, argv: list[str], w: Path, capsys) -> tuple[int, str]:
+    argv = [a.replace("{w}", str(w)) for a in argv]
+    try:
+        code = CLIS[cli](argv)
+    except SystemExit as e:  # argparse's usage error
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def assert_one_error(code: int, err: str) -> None:
+    """One `error:` line (argparse prints its usage lines above its own `prog: error:` line)."""
+    assert code != 0, "expected a non-zero exit"
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error: ") or ": error: " in x]
+    assert len(errors) == 1, err
+    if not errors[0].startswith("error: "):  # argparse: usage lines, then the error
+        assert lines[0].startswith("usage:") and lines[-1] == errors[0], err
+    else:
+        assert len(lines) == 1, err
+
+
+@pytest.mark.parametrize("case", CORRUPT, ids=[c[0] for c in CORRUPT])
+def test_corrupt_files_end_in_one_line(world, capsys, case):
+    _, mutate, cli, argv = case
+    mutate(world)
+    before = snapshot(world)
+    code, err = _run(cli, argv, world, capsys)
+    assert_one_error(code, err)
+    assert_intact(world, before)
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS, ids=[c[0] for c in BAD_FLAGS])
+def test_bad_flags_end_in_one_line(world, capsys, case):
+    _, cli, argv = case
+    before = snapshot(world)
+    code, err = _run(cli, argv, world, capsys)
+    assert_one_error(code, err)
+    assert_intact(world, before)
