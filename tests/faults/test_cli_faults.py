@@ -52,6 +52,22 @@ def _garbage(path: Path) -> None:
     path.write_bytes(torch.randint(0, 256, (257,), dtype=torch.uint8).numpy().tobytes())
 
 
+def _encoder_as_decoder(w: Path) -> None:
+    """The manifest lists only encoder.onnx, as the decoder (its size and hash are right)."""
+    path = w / "run/export/manifest.json"
+    data = json.loads(path.read_text())
+    entry = {**data["artifacts"]["encoder.onnx"], "part": "decoder"}
+    data["artifacts"] = {"encoder.onnx": entry}
+    path.write_text(json.dumps(data))
+
+
+def _edit_config(w: Path, **model: str) -> None:
+    path = w / "run/last/config.json"
+    config = json.loads(path.read_text())
+    config["model"].update(model)
+    path.write_text(json.dumps(config))
+
+
 # (id, mutation of the world, cli, argv with {w} for the world's path)
 CORRUPT = [
     ("truncated-weights-sample", lambda w: _truncate(w / "run/last/model.safetensors"),
@@ -84,6 +100,12 @@ CORRUPT = [
      "sample", ["random", "{w}/weights.pt", "--n", "4", "--out", "{w}/s.png"]),
     ("pickle-given-to-export", lambda w: None, "export.onnx", ["{w}/weights.pt"]),
     ("missing-run", lambda w: None, "export.onnx", ["{w}/nowhere"]),
+    ("config-lies-about-latent-dim", lambda w: _edit_config(w, latent_dim=8),
+     "sample", ["random", "{w}/run", "--n", "4", "--out", "{w}/s.png"]),
+    ("config-lies-about-hidden-dims", lambda w: _edit_config(w, hidden_dims=[32]),
+     "export.onnx", ["{w}/run"]),
+    ("manifest-calls-the-encoder-a-decoder", _encoder_as_decoder,
+     "sample", ["random", "{w}/run/export", "--n", "4", "--out", "{w}/s.png"]),
     ("garbage-latents-file", lambda w: _garbage(w / "z.safetensors"),
      "sample", ["decode", "{w}/z.safetensors", "--vae", "{w}/run", "--out", "{w}/dec"]),
     ("anomaly-report-not-json", lambda w: (w / "r.json").write_text("nope"),
@@ -93,7 +115,8 @@ CORRUPT = [
 
 BAD_FLAGS = [
     ("sample-n-0", "sample", ["random", "{w}/run/export", "--n", "0", "--out", "{w}/s.png"]),
-    ("sample-n-negative", "sample", ["random", "{w}/run/export", "--n", "-3", "--out", "{w}/s.png"]),
+    ("sample-n-negative", "sample", ["random", "{w}/run/export", "--n", "-3",
+                                     "--out", "{w}/s.png"]),
     ("sample-n-float", "sample", ["random", "{w}/run/export", "--n", "2.5", "--out", "{w}/s.png"]),
     ("sample-batch-0", "sample", ["random", "{w}/run/export", "--batch-size", "0",
                                   "--out", "{w}/s.png"]),
@@ -115,13 +138,6 @@ BAD_FLAGS = [
     ("export-out-is-a-file", "export.onnx", ["{w}/run", "--out", "{w}/weights.pt"]),
     ("plot-max-images-0", "plot", ["{w}/run", "--max-images", "0", "--data-dir", DATA_DIR]),
 ]
-
-
-def _edit_config(w: Path, **model: str) -> None:
-    path = w / "run/last/config.json"
-    config = json.loads(path.read_text())
-    config["model"].update(model)
-    path.write_text(json.dumps(config))
 
 
 def _run(cli: str, argv: list[str], w: Path, capsys) -> tuple[int, str]:
