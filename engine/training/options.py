@@ -34,6 +34,9 @@ MINIMUMS = (("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1), ("ckpt_
             ("epochs", 0), ("max_steps", 1), ("iw_samples", 1), ("warmup_steps", 0),
             ("num_workers", 0), ("max_atoms", 1), ("latent_dim", 1), ("beta_steps", 1),
             ("beta_cycles", 1))
+# Weights of the objective and the optimizer: finite and >= 0 (a negative KL weight rewards a
+# posterior far from the prior; training "works" and the ELBO it reports is wrong).
+NON_NEGATIVE = ("beta", "beta_start", "capacity_max", "tc_alpha", "tc_gamma", "weight_decay")
 
 
 def check_args(args: Namespace) -> None:
@@ -45,6 +48,14 @@ def check_args(args: Namespace) -> None:
     if args.hidden_dims is not None and (not args.hidden_dims or min(args.hidden_dims) < 1):
         raise ValueError(f"--hidden-dims must be positive sizes such as 512,256; got"
                          f" {args.hidden_dims}")
+    for name in NON_NEGATIVE:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got"
+                             f" {value}")
+    if not 0 < args.beta_ratio <= 1:
+        raise ValueError(f"--beta-ratio is the rising part of each cycle, in (0, 1]; got"
+                         f" {args.beta_ratio}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if args.ema is not None and not 0 < args.ema < 1:

@@ -26,6 +26,8 @@ def existing_run_files(out: Path) -> list[str]:
 
 def check_new_run(out: Path, overwrite: bool) -> None:
     """Refuse to start a new run over a previous one unless --overwrite says so."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a run is a directory: choose another --out")
     found = existing_run_files(out)
     if found and not overwrite:
         raise ValueError(

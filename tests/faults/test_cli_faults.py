@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import anomaly, evaluate, plot, sample
+from engine import anomaly, evaluate, plot, sample, train
 from engine.checkpoint import save
 from engine.models import build_model
 from export import onnx as export_onnx
@@ -22,8 +22,9 @@ from .conftest import DATA_DIR, assert_intact, snapshot
 
 CLIS: dict[str, Callable[[list[str]], int]] = {
     "sample": sample.main, "evaluate": evaluate.main, "export.onnx": export_onnx.main,
-    "plot": plot.main, "anomaly": anomaly.main,
+    "plot": plot.main, "anomaly": anomaly.main, "train": train.main,
 }
+TRAIN = ["--data-dir", DATA_DIR, "--no-progress", "--max-steps", "1", "--hidden-dims", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,26 @@ BAD_FLAGS = [
     ("export-opset-too-old", "export.onnx", ["{w}/run", "--opset", "9"]),
     ("export-unknown-part", "export.onnx", ["{w}/run", "--parts", "wings"]),
     ("export-out-is-a-file", "export.onnx", ["{w}/run", "--out", "{w}/weights.pt"]),
+    ("train-unknown-model", "train", [*TRAIN, "--model", "transformer9", "--out", "{w}/t"]),
+    ("train-unknown-preset", "train", [*TRAIN, "--model", "mlp", "--preset", "huge",
+                                       "--out", "{w}/t"]),
+    ("train-unknown-dataset", "train", [*TRAIN, "--model", "mlp", "--dataset", "cifar99",
+                                        "--out", "{w}/t"]),
+    ("train-latent-dim-0", "train", [*TRAIN, "--model", "mlp", "--latent-dim", "0",
+                                     "--out", "{w}/t"]),
+    ("train-hidden-dims-text", "train", [*TRAIN, "--model", "mlp", "--hidden-dims", "a,b",
+                                         "--out", "{w}/t"]),
+    ("train-epochs-negative", "train", [*TRAIN, "--model", "mlp", "--epochs", "-1",
+                                        "--out", "{w}/t"]),
+    ("train-beta-negative", "train", [*TRAIN, "--model", "mlp", "--beta", "-1", "--out", "{w}/t"]),
+    ("train-iw-samples-0", "train", [*TRAIN, "--model", "mlp", "--objective", "iwae",
+                                     "--iw-samples", "0", "--out", "{w}/t"]),
+    ("train-resume-nothing", "train", [*TRAIN, "--model", "mlp", "--resume", "--out", "{w}/t"]),
+    ("train-out-is-a-file", "train", [*TRAIN, "--model", "mlp", "--out", "{w}/weights.pt"]),
+    ("train-resume-and-overwrite", "train", [*TRAIN, "--model", "mlp", "--resume", "--overwrite",
+                                             "--out", "{w}/run"]),
+    ("train-conv-on-crystals", "train", [*TRAIN, "--model", "conv", "--dataset",
+                                         "{w}/weights.pt", "--out", "{w}/t"]),
     ("plot-max-images-0", "plot", ["{w}/run", "--max-images", "0", "--data-dir", DATA_DIR]),
 ]
 
