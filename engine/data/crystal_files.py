@@ -90,7 +90,11 @@ def _parse_rows(args: tuple[list[str], bool]) -> list:
 def _read_cifs(path: Path) -> list[str]:
     import pandas as pd  # lazy: comes with the crystal extra (pymatgen), slow to import
 
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path}: cannot read it as a CDVAE-format CSV (truncated or corrupt?):"
+                         f" {str(e).splitlines()[0]}; download or copy it again") from e
     if "cif" not in frame.columns:
         raise ValueError(f"{path}: expected a CDVAE-format CSV with a 'cif' column, found "
                          f"columns {list(frame.columns)}")
