@@ -65,19 +65,31 @@ def is_valid(structure) -> bool:
 
 
 def write_cifs(structures: list, out_dir: Path, prefix: str) -> list[Path]:
-    """Write each Structure to out_dir/{prefix}_{i:04d}.cif (None entries are skipped)."""
-    from pymatgen.io.cif import CifWriter
+    """Write each Structure to out_dir/{prefix}_{i:04d}.cif, atomically. None entries and
+    structures pymatgen cannot describe are skipped; a failed write (a full or read-only disk)
+    raises an OSError naming the file, rather than being skipped as well."""
+    from engine.checkpoint import atomic_write_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, s in enumerate(structures):
-        if s is None:
+        text = cif_text(s)
+        if text is None:
             continue
         path = out_dir / f"{prefix}_{i:04d}.cif"
-        try:
-            CifWriter(s).write_file(str(path))
-        except Exception:  # noqa: BLE001 - a degenerate prediction must not stop the run
-            continue
+        atomic_write_bytes(path, text.encode())
         written.append(path)
     return written
+
+
+def cif_text(structure) -> str | None:
+    """The CIF of a Structure, or None (no structure, or one pymatgen cannot describe)."""
+    from pymatgen.io.cif import CifWriter
+
+    if structure is None:
+        return None
+    try:
+        return str(CifWriter(structure))
+    except Exception:  # noqa: BLE001 - a degenerate prediction must not stop the run
+        return None
