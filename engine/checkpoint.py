@@ -108,9 +108,12 @@ def raise_named(e: BaseException, path: Path, *stand_ins: Path) -> NoReturn:
     text ("... (os error 28)"). Anything else is re-raised unchanged."""
     if isinstance(e, SafetensorError) and (m := re.search(r"os error (\d+)", str(e))):
         raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from e
-    if isinstance(e, OSError) and e.errno is not None and \
-            e.filename in (None, *map(str, stand_ins)):
+    temps = {str(p) for p in stand_ins}
+    if isinstance(e, OSError) and e.errno is not None and (e.filename is None or
+                                                           e.filename in temps):
         raise OSError(e.errno, e.strerror, str(path)) from e
+    if isinstance(e, OSError) and e.errno is not None and e.filename2 in temps:  # a copy
+        raise OSError(e.errno, e.strerror, e.filename, None, str(path)) from e
     raise e
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt
 from engine.training.runlog import append_jsonl, read_jsonl
 
-from .conftest import DATA_DIR, assert_clean_failure, assert_intact, needs_mnist, snapshot
+from .conftest import DATA_DIR, REPO, assert_clean_failure, assert_intact, needs_mnist, snapshot
 
 READ_ONLY, FULL = "read-only", "full"
 CAUSE = {READ_ONLY: "read-only", FULL: "no space left"}
@@ -108,7 +109,7 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str], capsys) -> tuple[
         code = e.code if isinstance(e.code, int) else 1
     except Exception:  # noqa: BLE001 - what the user would see: a traceback
         code = 1
-        print(traceback.format_exc(), file=__import__("sys").stderr)
+        print(traceback.format_exc(), file=sys.stderr)
     return code, capsys.readouterr().err
 
 
@@ -228,6 +229,20 @@ def test_onnx_export_over_an_export_on_a_full_disk(onnx_export, places, capsys):
     before = snapshot(mnt)
     argv = [str(onnx_export), "--out", str(mnt), "--parity-batches", "1"]
     check_failure(FULL, *run_cli(main, argv, capsys), mnt, before)
+
+
+def test_aoti_package_on_a_full_disk(onnx_export, places):
+    """torch's archive writer aborts the process on ENOSPC; the package is built elsewhere and
+    copied into place. A subprocess, so that an abort cannot take pytest down with it."""
+    mnt = places.make(FULL, keep_notes, leave_kb=8)
+    before = snapshot(mnt)
+    done = subprocess.run([sys.executable, "-m", "export.aoti", str(onnx_export), "--out",
+                           str(mnt / "export"), "--parity-batches", "1"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    err = "\n".join(line for line in done.stderr.splitlines()
+                    if not line.startswith("W"))  # torch's logging warnings (no CUDA, ...)
+    check_failure(FULL, done.returncode, err, mnt, before)
 
 
 @BOTH
