@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from engine.analysis.anomaly import markdown_table, summarize
+from engine.checkpoint import atomic_write_bytes, describe_os_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +28,18 @@ def main(argv: list[str] | None = None) -> int:
         reports = [json.loads(Path(r).read_text()) for r in args.reports]
         if any("anomaly" not in r for r in reports):
             raise ValueError("every report must come from engine.evaluate --anomaly")
-    except (OSError, ValueError) as e:
+        summary = summarize(reports)
+        table = markdown_table(summary)
+        if args.json:  # atomic: a full disk never leaves half a summary over the old one
+            atomic_write_bytes(Path(args.json), (json.dumps(summary, indent=2) + "\n").encode())
+        if args.markdown:
+            atomic_write_bytes(Path(args.markdown), table.encode())
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = summarize(reports)
-    table = markdown_table(summary)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    except OSError as e:  # an unreadable report, or a read-only or full output folder
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     print(table)
     return 0
 

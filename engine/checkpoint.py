@@ -19,13 +19,17 @@ state.json records (a state.json without them is refused).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -63,20 +67,80 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a hidden temp file beside `path` (same suffix, for writers that pick
+    the format from it); it is fsynced and renamed over `path`, then the folder is fsynced:
+    readers see the old file or the new one, never half. When anything fails the temp file is
+    removed, `path` is untouched, and an OSError names `path` (a failed write() names none)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # on a read-only disk even this unlink fails
+            tmp.unlink(missing_ok=True)
+        raise_named(e, path, tmp)
+    fsync_dir(path.parent)
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """temp file in the same directory, fsync, rename: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raise_named(e: BaseException, path: Path, *stand_ins: Path) -> NoReturn:
+    """Re-raise an I/O failure as an OSError that names `path`: write() errors name no file,
+    a temp file (`stand_ins`) means nothing to the user, and safetensors wraps the OS error in
+    text ("... (os error 28)"). Anything else is re-raised unchanged."""
+    if isinstance(e, SafetensorError) and (m := re.search(r"os error (\d+)", str(e))):
+        raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from e
+    temps = {str(p) for p in stand_ins}
+    if isinstance(e, OSError) and e.errno is not None and (e.filename is None or
+                                                           e.filename in temps):
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    if isinstance(e, OSError) and e.errno is not None and e.filename2 in temps:  # a copy
+        raise OSError(e.errno, e.strerror, e.filename, None, str(path)) from e
+    raise e
+
+
+# errno -> (what went wrong, how to fix it), for describe_os_error
+_WRITE_CAUSES = {
+    errno.ENOSPC: ("no space left on the device", "free some space there or write to"
+                   " another disk (choose another output path)"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space there or choose another output"
+                   " path"),
+    errno.EROFS: ("the file system is read-only", "choose an output path on a writable disk"
+                  " (or remount it read-write)"),
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: the path, the cause and the fix, e.g.
+    `cannot write runs/mlp/last: no space left on the device; free some space there ...`."""
+    where = e.filename2 if e.filename2 is not None else e.filename
+    where = "the output" if where is None else os.fsdecode(where)
+    if e.errno in _WRITE_CAUSES:
+        cause, fix = _WRITE_CAUSES[e.errno]
+        return f"cannot write {where}: {cause}; {fix}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot access {where}: permission denied; fix its permissions or choose" \
+            " another path"
+    return f"{where}: {e.strerror or e}"
 
 
 def sha256(path: Path) -> str:
@@ -137,26 +201,29 @@ def save(
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     _finish_interrupted_swap(path, tmp, old)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     config = {"format": FORMAT_VERSION, "model": config_to_dict(model.config),
               "train": train_config or {}, "versions": {"torch": torch.__version__}}
-    _write_safetensors(tmp / "model.safetensors", _state_dict_cpu(model))
-    if ema is not None:
-        _write_safetensors(tmp / "ema.safetensors", _state_dict_cpu(ema))
-    if extra_tensors:
-        _write_safetensors(tmp / "state.safetensors", extra_tensors)
-    atomic_write_json(tmp / "config.json", config)
-    hashes = {name: sha256(tmp / name) for name in (*WEIGHT_FILES, "config.json")
-              if (tmp / name).exists()}
-    atomic_write_json(tmp / "state.json", {**(extra_state or {}), "sha256": hashes})
+    try:
+        tmp.mkdir(parents=True)
+        _write_safetensors(tmp / "model.safetensors", _state_dict_cpu(model))
+        if ema is not None:
+            _write_safetensors(tmp / "ema.safetensors", _state_dict_cpu(ema))
+        if extra_tensors:
+            _write_safetensors(tmp / "state.safetensors", extra_tensors)
+        atomic_write_json(tmp / "config.json", config)
+        hashes = {name: sha256(tmp / name) for name in (*WEIGHT_FILES, "config.json")
+                  if (tmp / name).exists()}
+        atomic_write_json(tmp / "state.json", {**(extra_state or {}), "sha256": hashes})
+    except BaseException as e:  # a full or read-only disk: the old checkpoint stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_named(e, path, tmp, *(tmp / n for n in (*WEIGHT_FILES, "config.json", "state.json")))
     _swap_into_place(tmp, path, old)
     return path
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path))
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    _fsync_file(path)
 
 
 def _finish_interrupted_swap(path: Path, tmp: Path, old: Path) -> None:

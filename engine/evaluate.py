@@ -95,13 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         if c.config.get("model", {}).get("family") == "crystal" or args.crystal_split:
             return delegate_crystal(args, c)
         report = evaluate_checkpoint(args)
+        print(format_table(report))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(Path(args.out), report)
     except (ckpt.CheckpointError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(report))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(Path(args.out), report)
+    except OSError as e:  # a read-only or full --out: an older report there is kept
+        print(f"error: {ckpt.describe_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from engine.analysis.plots import latent_plots, plot_curves, read_metrics
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, describe_os_error
 from engine.data import DatasetError
 
 
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             written += latent_plots(run, out, args.data_dir, args.max_images)
     except (CheckpointError, DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full --out: older plots there are kept
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     for path in written:
         print(path)

@@ -62,7 +62,7 @@ from engine.analysis.latent_diffusion import (
     write_latents,
 )
 from engine.analysis.outputs import parse_labels, save_grid, save_tensors
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, describe_os_error
 from engine.data import DatasetError
 from engine.runtime import Sampler, SamplerError
 
@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][1](args)
     except (SamplerError, CheckpointError, DatasetError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full --out
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
 
 

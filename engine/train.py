@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, ckpt.CheckpointError, TrainingDiverged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full --out: the checkpoints already there are kept
+        print(f"error: {ckpt.describe_os_error(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

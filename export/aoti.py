@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.checkpoint import atomic_write
 from export import manifest
 from export.common import (
     ExportError,
@@ -65,17 +68,16 @@ def _inductor_configs(metadata: dict[str, str]) -> dict[str, Any]:
 
 def compile_package(program: torch.export.ExportedProgram, path: Path,
                     metadata: dict[str, str]) -> Path:
-    """Compile and write `path` atomically (temp file in the same directory, then rename)."""
+    """Compile into a private temp folder, then copy to `path` atomically (temp file beside it,
+    then rename). torch's archive writer aborts the whole process (std::terminate) when its
+    disk fills up, so it never writes to the output folder, which may be full."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")
-    try:
+    with tempfile.TemporaryDirectory(prefix="vae-aoti-") as work:
+        package = Path(work) / path.name
         torch._inductor.aoti_compile_and_package(
-            program, package_path=str(tmp), inductor_configs=_inductor_configs(metadata))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+            program, package_path=str(package), inductor_configs=_inductor_configs(metadata))
+        return atomic_write(path, lambda tmp: shutil.copyfile(package, tmp))
 
 
 def export_part(source: Any, name: str, out_dir: Path, device: str,

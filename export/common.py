@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.checkpoint import CheckpointError, load_model
+from engine.checkpoint import CheckpointError, describe_os_error, load_model
 from engine.models.latent_diffusion.pretrained import from_pretrained, is_pretrained_path
 from engine.models.registry import config_to_dict
 from export import manifest
@@ -293,6 +293,9 @@ def run_export_cli(export: Callable[[tuple[int, ...] | None], dict[str, Path]],
         written = export(batches)
     except (ExportError, CheckpointError, manifest.ManifestError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a read-only or full --out: files already there are kept
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     for name, path in written.items():
         print(f"wrote {name}: {path}")

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import atomic_write_bytes, atomic_write_json, sha256
+from engine.checkpoint import atomic_write_bytes, atomic_write_json, describe_os_error, sha256
 from export import manifest
 from export.common import PARITY_BATCHES, check_parity
 from export.onnx import ort_runner
@@ -380,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                            args.workspace_gb, args.timing_cache and Path(args.timing_cache))
     except (TensorRTError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a read-only or full --out / --timing-cache folder
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out} and {sidecar_path(out).name}")
     return 0

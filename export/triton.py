@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint import describe_os_error
 from export import manifest
 from export import tensorrt as trt_export
 
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                              args.instances, args.kind, preferred, args.max_queue_delay_us)
     except ValueError as e:  # TritonExportError, and int() of a bad --preferred-batch
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full --out
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     print(f"wrote {path}/config.pbtxt and {path}/1/; serve with: tritonserver"
           f" --model-repository {path.parent}")

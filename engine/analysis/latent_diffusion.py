@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from engine.checkpoint import atomic_write
 from engine.models.latent_diffusion.pretrained import (
     PICKLE_SUFFIXES,
     from_pretrained,
@@ -173,26 +174,16 @@ def write_latents(path: str | os.PathLike, latents: Tensor, meta: dict[str, str]
     if p.suffix != ".safetensors":
         raise ValueError(f"--out {p}: latents are written as .safetensors")
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.stem}.tmp{os.getpid()}.safetensors")
-    try:
-        save_file({LATENT_KEY: latents.contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return p
+    tensors = {LATENT_KEY: latents.contiguous()}
+    return atomic_write(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 # --- images ------------------------------------------------------------------------------------
 def save_png(image: Tensor, path: Path) -> Path:
     """One image (3, H, W) in [-1, 1] as an 8-bit PNG: temp file then rename."""
     pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    png = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    return atomic_write(path, lambda tmp: png.save(tmp, format="PNG"))
 
 
 def read_image(path: str | os.PathLike, factor: int) -> Tensor:

@@ -1,5 +1,6 @@
 """What the sampling commands write: image grids (PNG/JPEG) and the raw tensors behind them
-(`.safetensors`), each through a temp file and a rename, so a reader never sees half a file."""
+(`.safetensors`), each through a temp file and a rename (engine.checkpoint.atomic_write), so a
+reader never sees half a file and a failed write leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torchvision.utils import save_image
+
+from engine.checkpoint import atomic_write
 
 
 def parse_labels(text: str | None, n: int) -> torch.Tensor | int | None:
@@ -27,20 +30,11 @@ def save_grid(images: torch.Tensor, out: str | os.PathLike, nrow: int) -> Path:
         raise ValueError("the decoder's outputs are not images (B, C, H, W); use the runtime API")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
-    try:
-        save_image(images.detach().float().cpu().clamp(0, 1), tmp, nrow=nrow)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    images = images.detach().float().cpu().clamp(0, 1)
+    return atomic_write(out, lambda tmp: save_image(images, tmp, nrow=nrow))
 
 
 def save_tensors(png: Path, **tensors: torch.Tensor | None) -> Path:
     """The raw tensors behind a grid, as OUT.safetensors beside OUT.png (atomic)."""
-    path = png.with_suffix(".safetensors")
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None},
-              str(tmp))
-    os.replace(tmp, path)
-    return path
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if v is not None}
+    return atomic_write(png.with_suffix(".safetensors"), lambda tmp: save_file(flat, str(tmp)))

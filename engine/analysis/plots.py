@@ -13,7 +13,6 @@ so that importing this module stays cheap for the commands that never plot.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -44,10 +43,7 @@ def _pyplot():
 def _save(fig, path: Path) -> Path:
     """Write through a temp file + rename, so a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return ckpt.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, bbox_inches="tight"))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from engine.checkpoint import atomic_write_json, load_model
+from engine.checkpoint import atomic_write_json, describe_os_error, load_model
 from engine.crystal.metrics import MATCHER_KW, match_structures, summarize
 from engine.crystal.structures import (
     batch_to_structures,
@@ -76,7 +77,7 @@ def evaluate_crystal(model, data, out_dir, split: str = "test", num_workers: int
                "sampling": {"num_samples": len(sampled),
                             "valid_fraction": sum(valid) / max(len(valid), 1), "seed": seed}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except OSError as e:  # a read-only or full --out
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     model, ckpt = load_model(args.checkpoint, ema=args.ema)
     if getattr(model, "family", "") != "crystal":
         raise SystemExit(f"{args.checkpoint}: expected a crystal model, got "

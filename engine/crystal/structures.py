@@ -5,6 +5,8 @@ pymatgen is imported lazily: `import engine.crystal` works without it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from pathlib import Path
 
@@ -65,19 +67,43 @@ def is_valid(structure) -> bool:
 
 
 def write_cifs(structures: list, out_dir: Path, prefix: str) -> list[Path]:
-    """Write each Structure to out_dir/{prefix}_{i:04d}.cif (None entries are skipped)."""
-    from pymatgen.io.cif import CifWriter
-
+    """Write each Structure to out_dir/{prefix}_{i:04d}.cif, atomically. None entries and
+    structures pymatgen cannot describe are skipped; a failed write (a full or read-only disk)
+    raises an OSError naming the file, rather than being skipped as well."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, s in enumerate(structures):
-        if s is None:
+        text = cif_text(s)
+        if text is None:
             continue
         path = out_dir / f"{prefix}_{i:04d}.cif"
-        try:
-            CifWriter(s).write_file(str(path))
-        except Exception:  # noqa: BLE001 - a degenerate prediction must not stop the run
-            continue
+        _write_text_atomic(path, text)
         written.append(path)
     return written
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Temp file beside `path`, then rename; on failure the temp file goes and the OSError
+    names `path`. (engine.checkpoint.atomic_write does the same, but importing it here would
+    close an import cycle through engine.models.)"""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def cif_text(structure) -> str | None:
+    """The CIF of a Structure, or None (no structure, or one pymatgen cannot describe)."""
+    from pymatgen.io.cif import CifWriter
+
+    if structure is None:
+        return None
+    try:
+        return str(CifWriter(structure))
+    except Exception:  # noqa: BLE001 - a degenerate prediction must not stop the run
+        return None

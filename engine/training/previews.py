@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
+from engine.checkpoint import atomic_write
+
 PREVIEW_SEED = 0  # the same latents every epoch, so grids are comparable across epochs
 
 
 def save_image_atomic(images: Tensor, path: Path, **grid_kwargs) -> Path:
-    """torchvision's save_image through a temp file + rename: no half-written PNGs."""
+    """torchvision's save_image through a temp file + rename: no half-written PNGs (a failed
+    write leaves no temp file and raises an OSError naming `path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    save_image(images.detach().float().cpu().clamp(0, 1), tmp, **grid_kwargs)
-    os.replace(tmp, path)
-    return path
+    images = images.detach().float().cpu().clamp(0, 1)
+    return atomic_write(path, lambda tmp: save_image(images, tmp, **grid_kwargs))
 
 
 def preview_labels(model: nn.Module, n: int, device) -> Tensor | None:

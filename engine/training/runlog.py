@@ -3,6 +3,7 @@ the JSON-safe forms of configs and states."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,10 +18,28 @@ import engine
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(row)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """One line, fsynced. A write that fails part-way (a full disk) is cut back off, so the
+    file never ends in a torn line; the OSError names `path`."""
+    line = (json.dumps(json_safe(row)) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            _write_all(fd, line)
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)  # the bytes that did fit go again
+            raise OSError(e.errno, e.strerror, str(path)) from e
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write only part (the rest raises, e.g. ENOSPC, on the next call)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
