@@ -65,6 +65,7 @@ from engine.analysis.outputs import parse_labels, save_grid, save_tensors
 from engine.checkpoint import CheckpointError, describe_os_error
 from engine.data import DatasetError
 from engine.runtime import Sampler, SamplerError
+from engine.runtime.checks import SEEDS
 
 DEFAULT_COMMAND = "random"
 
@@ -296,6 +297,21 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
 }
 
 
+# flag -> smallest value it takes (a count, a size); --seed: SEEDS, torch's seed range.
+MINIMUM = {"n": 1, "batch_size": 1, "nrow": 1, "tile": 1, "tile_overlap": 0, "per_class": 1}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse out-of-range counts, sizes and seeds before anything is loaded or written."""
+    for name, least in MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and seed not in SEEDS:
+        raise ValueError(f"--seed must lie in [{SEEDS.start}, {SEEDS.stop}), got {seed}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine.sample",
                                  description=__doc__.split("\n")[0],
@@ -315,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     try:
+        check_flags(args)
         return COMMANDS[args.command][1](args)
     except (SamplerError, CheckpointError, DatasetError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

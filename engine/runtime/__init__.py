@@ -12,9 +12,10 @@ the CUDA-graph IOBinding runner.
 
 from engine.runtime.backends import BACKENDS, FORMAT_BACKEND, PREFERENCE, SUFFIX_BACKEND, Backend
 from engine.runtime.sampler import DEFAULT_CHUNK, Sampler, resolve
-from engine.runtime.types import ModelSpec, RuntimeInfo, SamplerError, require_finite
+from engine.runtime.types import InputError, ModelSpec, RuntimeInfo, SamplerError, require_finite
 
 __all__ = [
     "BACKENDS", "DEFAULT_CHUNK", "FORMAT_BACKEND", "PREFERENCE", "SUFFIX_BACKEND", "Backend",
-    "ModelSpec", "RuntimeInfo", "Sampler", "SamplerError", "require_finite", "resolve",
+    "InputError", "ModelSpec", "RuntimeInfo", "Sampler", "SamplerError", "require_finite",
+    "resolve",
 ]

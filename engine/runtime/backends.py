@@ -21,13 +21,22 @@ from engine.models.latent_diffusion.layouts import LayoutError
 from engine.models.latent_diffusion.pretrained import from_pretrained, is_pretrained_path
 from engine.models.registry import config_to_dict
 from engine.runtime import ort_cpu
+from engine.runtime.checks import (
+    TensorSig,
+    binding_signature,
+    check_graph,
+    check_part,
+    ort_signature,
+)
 from engine.runtime.ort_cuda import CudaGraphRunner, run_bound, supports_graph_ids
 from engine.runtime.types import (  # noqa: F401
     ModelSpec,
     RuntimeInfo,
     SamplerError,
     finite_sum,
+    outputs_finite,
     require_finite,
+    require_finite_outputs,
 )
 from export import manifest
 from export import tensorrt as trt_export
@@ -52,6 +61,7 @@ class Backend:
     cuda_graphs: bool = False  # whether runs replay captured CUDA graphs
     graph_rewrites: tuple[str, ...] = ()  # nodes rewritten for this backend at load
     run1_checks_finite: bool = False  # run1 refuses NaN/inf latents itself
+    input_sigs: tuple[TensorSig, ...] = ()  # the graph's inputs, for checks of extra inputs
 
     @classmethod
     def installed(cls) -> bool:
@@ -83,7 +93,7 @@ class Backend:
         for file, entry in sorted(listed, key=rank):
             backend = BACKENDS.get(FORMAT_BACKEND.get(entry["format"], ""))
             if backend and backend.installed() and entry.get("device") in ("any", self.device.type):
-                return backend(path.parent / file, self.device.type)
+                return backend(path.parent / file, self.device.type, part=name)
         raise SamplerError(f"no {name} artifact for {self.device.type} beside {path} (in"
                            f" {path.parent}/manifest.json); export one: python -m export.onnx CKPT"
                            f" --parts {name} --out {path.parent}")
@@ -124,7 +134,8 @@ class OnnxRuntimeBackend(Backend):
     PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
     def __init__(self, path: Path, device: str | None = None, threads: int | None = None,
-                 cuda_graphs: bool = True, cpu_rewrites: bool = True) -> None:
+                 cuda_graphs: bool = True, cpu_rewrites: bool = True, part: str = "decoder"
+                 ) -> None:
         ort = self.require()
         fix = "re-export it with python -m export.onnx CKPT"
         entry = _verify(path, fix)
@@ -135,7 +146,11 @@ class OnnxRuntimeBackend(Backend):
         providers = self._providers(ort, device)
         self.session = self._session(ort, path, opts, providers, cuda_graphs, cpu_rewrites)
         meta = self.session.get_modelmeta().custom_metadata_map
+        check_part(meta, part, str(path))
         self.spec = ModelSpec.from_metadata(meta, str(path))
+        self.input_sigs = tuple(ort_signature(self.session.get_inputs()))
+        check_graph(self.spec, meta, part, self.input_sigs,
+                    ort_signature(self.session.get_outputs()), str(path))
         self.precision = meta.get("precision", self.precision)
         on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
         self.device = torch.device("cuda" if on_gpu else "cpu")
@@ -221,12 +236,17 @@ class OnnxRuntimeBackend(Backend):
 
     def run1(self, z: Tensor) -> Tensor:
         """The batch-1 hot path (one input, one output, CPU): the least Python there is. The
-        float64 sum of the latent is finite iff every element is (~1 us, see finite_sum)."""
+        float64 sum of the latent is finite iff every element is (~1 us, see finite_sum); a
+        non-finite output of a finite latent (|z| so large the decoder overflows) is refused
+        too, by the output's float32 sum (~1 us at 784 pixels, see outputs_finite)."""
         a = z.numpy()
         total = finite_sum(a)
         if not isfinite(total):
             require_finite(z, "decode(): the latent", total)
-        return from_numpy(self._run(self._out_names, {self._first: a}, self._options)[0])
+        out = self._run(self._out_names, {self._first: a}, self._options)[0]
+        if not outputs_finite(out):
+            require_finite_outputs(z, (from_numpy(out),), "decode()")
+        return from_numpy(out)
 
 
 class AOTInductorBackend(Backend):
@@ -235,7 +255,7 @@ class AOTInductorBackend(Backend):
     name, requires = "aoti", "torch"
     install_hint = "AOTInductor comes with torch >= 2.6"
 
-    def __init__(self, path: Path, device: str | None = None) -> None:
+    def __init__(self, path: Path, device: str | None = None, part: str = "decoder") -> None:
         fix = "re-export it with python -m export.aoti CKPT"
         _verify(path, fix)
         try:
@@ -244,6 +264,7 @@ class AOTInductorBackend(Backend):
             raise SamplerError(f"cannot load {path} as an AOTInductor package (truncated or"
                                f" corrupt?): {str(e).splitlines()[0][:200]}; {fix}") from e
         meta = runner.get_metadata()
+        check_part(meta, part, str(path))  # its inputs are not exposed cheaply: part only
         self.spec = ModelSpec.from_metadata(meta, str(path))
         built_for = meta.get("device") or meta.get("AOTI_DEVICE_KEY", "cpu")
         if device is not None and torch.device(device).type != built_for:
@@ -298,7 +319,9 @@ class EagerBackend(Backend):
         self.path, self.device, self.compiled, self._loaded = path, torch.device(device), \
             compile, (model, config)
         self.model = model
+        self.precision = _precision(model)
         inputs, outputs = part_specs(parts["decoder"])
+        self.input_sigs = tuple((i["name"], tuple(i["shape"]), i["dtype"]) for i in inputs)
         self.spec = _spec_from_section(model_section(config, inputs, outputs), inputs, outputs)
         module = parts[part].module.eval()
         self.cuda_graphs = compile and self.device.type == "cuda"  # reduce-overhead mode
@@ -313,6 +336,12 @@ class EagerBackend(Backend):
 
     def part(self, name: str) -> Backend:
         return EagerBackend(self.path, self.device.type, self.compiled, name, self._loaded)
+
+
+def _precision(model: Any) -> str:
+    """"fp16"/"bf16" for a half-precision model, else "fp32" (the estimate's itemsize)."""
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 def _on(part: Any, device: str) -> Any:
@@ -337,7 +366,7 @@ class TensorRTBackend(Backend):
     name, requires = "tensorrt", "tensorrt"
     install_hint = "pip install tensorrt (from NVIDIA's index) on a machine with an NVIDIA GPU"
 
-    def __init__(self, path: Path, device: str | None = None) -> None:
+    def __init__(self, path: Path, device: str | None = None, part: str = "decoder") -> None:
         if device not in (None, "cuda") and not str(device).startswith("cuda"):
             raise SamplerError(f"TensorRT engines run on CUDA only, not on {device!r}")
         try:
@@ -346,10 +375,21 @@ class TensorRTBackend(Backend):
             raise SamplerError(str(e)) from e
         self.path, self.device = path, torch.device("cuda")
         sidecar = self.engine.sidecar
-        self.spec = ModelSpec.from_metadata(sidecar["metadata"], str(path))
+        meta = sidecar["metadata"]
+        check_part(meta, part, str(path))
+        self.spec = ModelSpec.from_metadata(meta, str(path))
+        check_graph(self.spec, meta, part, *self._bindings(), str(path))
         self.precision = sidecar["precision"]
         self.batch_range = self.engine.batch_range
         self.run = self.engine.run
+
+    def _bindings(self) -> tuple[list, list]:
+        """(inputs, outputs) of the engine as checks.TensorSig: -1 dims are dynamic."""
+        r = self.engine
+        sig = lambda names: binding_signature(
+            names, [tuple(r.engine.get_tensor_shape(n)) for n in names],
+            [r._dtypes[n] for n in names])
+        return sig(r.input_names), sig(r.output_names)
 
 
 BACKENDS: dict[str, type[Backend]] = {

@@ -37,10 +37,24 @@ from engine.runtime.backends import (
     EagerBackend,
     OnnxRuntimeBackend,
 )
+from engine.runtime.checks import (
+    CHECK_FROM_BYTES,
+    SEEDS,
+    as_int,
+    as_labels,
+    decode_bytes,
+    dtype_name,
+    extra_input,
+    require_data,
+    require_memory,
+)
 from engine.runtime.types import (
+    InputError,
     RuntimeInfo,
     SamplerError,
+    outputs_finite,
     require_finite,
+    require_finite_outputs,
 )
 from export import manifest
 
@@ -137,6 +151,11 @@ class Sampler:
         # Non-finite inputs are refused on the CPU (on CUDA the check would cost a device
         # sync per call). The ONNX Runtime CPU backend checks inside run1, on its numpy view.
         self._check_direct = self._cpu and not backend.run1_checks_finite
+        # Activations are counted in the backend's precision; batches of more rows than this
+        # leave the hot path for the memory check (checks.require_memory).
+        self._itemsize = 2 if backend.precision in ("fp16", "bf16") else 4
+        row = sum(decode_bytes(spec, spec.latent_shape, 1, self._itemsize))
+        self._rows_unchecked = max(1, CHECK_FROM_BYTES // max(row, 1))
         self._gen = torch.Generator(device=self.device)
         self._gen.seed()
 
@@ -187,17 +206,42 @@ class Sampler:
         """z (B, *latent_shape) [+ labels (B,) int] [+ extra inputs by name, e.g. mask=] ->
         outputs (B, *output_shape) on `device` (a tuple when the decoder has several heads).
 
-        Batches larger than the engine's profile are split; smaller ones are padded."""
+        Batches larger than the engine's profile are split; smaller ones are padded; a batch
+        of 0 rows gives outputs of 0 rows. Bad inputs raise InputError: a latent of another
+        shape/dtype, on the meta device, holding NaN/inf, or so large that the outputs are not
+        finite (checked for CPU outputs only: on CUDA each check would cost a device sync), or a
+        batch whose outputs and activations cannot fit in the device's memory."""
         if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
             self._check_latent(z)
         if (self._direct and labels is None and not extra and not z.requires_grad
-                and (z.is_cpu if self._cpu else z.device == self.device) and z.shape[0]):
+                and (z.is_cpu if self._cpu else z.device == self.device)
+                and 0 < z.shape[0] <= self._rows_unchecked):
             if self._check_direct:
                 require_finite(z, "decode(): the latent")
+                return self._finite_outputs(z, [self._run1(z)], "decode()")[0]
             return self._run1(z)  # the hot path: nothing else happens
+        require_data(z, "decode(): the latent")
+        hi = self._backend.batch_range[1]
+        require_memory(self.spec, z.shape[1:], max(1, min(z.shape[0], hi or z.shape[0])),
+                       self.device, "decode()", self._itemsize, out_rows=z.shape[0])
         if z.is_cpu:
             require_finite(z, "decode(): the latent")
-        return self._call(self._inputs(z.detach().to(self.device), labels, extra))
+        inputs = self._inputs(z.detach().to(self.device), labels, extra)
+        outs = self._run_batched(self._run, self._backend.batch_range, inputs)
+        if z.is_cpu and self._cpu:
+            self._finite_outputs(z, outs, "decode()")
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    @staticmethod
+    def _finite_outputs(x: Tensor, outs: list[Tensor], what: str, symbol: str = "z"
+                        ) -> list[Tensor]:
+        """`outs`, after refusing NaN/inf in CPU outputs of finite inputs `x` (rows named)."""
+        for o in outs:
+            a = o.detach().numpy() if o.dtype in (torch.float32, torch.float64) else None
+            if o.is_floating_point() and not (outputs_finite(a) if a is not None
+                                              else bool(torch.isfinite(o).all())):
+                require_finite_outputs(x, outs, what, symbol)
+        return outs
 
     def _inputs(self, z: Tensor, labels: Any, extra: dict[str, Any]) -> tuple[Tensor, ...]:
         """The decoder's inputs in graph order, each checked."""
@@ -206,12 +250,12 @@ class Sampler:
         unknown = sorted(set(extra) - set(s.extra_inputs))
         missing = [name for name in s.extra_inputs if name not in extra]
         if unknown or missing:
-            raise ValueError(f"this {s.family} decoder takes inputs {list(s.input_names)}: missing"
+            raise InputError(f"this {s.family} decoder takes inputs {list(s.input_names)}: missing"
                              f" {missing}, unexpected {unknown}; pass them by name with batch {n}")
         for name in s.extra_inputs:
-            t = torch.as_tensor(extra[name])
+            t = extra_input(name, extra[name], z, self._backend.input_sigs)
             if t.shape[:1] != (n,):
-                raise ValueError(f"decode(): input {name!r} must have batch {n} like the latent,"
+                raise InputError(f"decode(): input {name!r} must have batch {n} like the latent,"
                                  f" got shape {tuple(t.shape)}")
             inputs += (t.to(self.device),)
         return inputs
@@ -226,6 +270,9 @@ class Sampler:
         """Split batches above the profile's max, pad those below its min (rows independent)."""
         lo, hi = batch_range
         n = inputs[0].shape[0]
+        if n == 0:  # no rows: one zero row gives each output's shape and dtype, then 0 rows
+            one = [torch.zeros((1, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in inputs]
+            return [o[:0] for o in Sampler._run_batched(run, batch_range, one)]
         if n < lo:
             pad = [torch.cat([t, t[:1].expand(lo - n, *t.shape[1:])]) for t in inputs]
             return [o[:n] for o in run(pad)]
@@ -240,13 +287,15 @@ class Sampler:
         if not (self._spatial and type(z) is Tensor and z.dtype is self._dtype and z.dim() == 4
                 and z.shape[1] == self._tail[0] and z.shape[2] and z.shape[3]):
             self._latent_error(z)
+        require_memory(self.spec, z.shape[1:], max(1, z.shape[0]), self.device, "decode()",
+                       self._itemsize)
 
     def _latent_error(self, z: Any) -> None:
         want = f"(B, {', '.join(map(str, self.spec.latent_shape))}) {_dt(self._dtype)}"
         if self._spatial:
             want = f"(B, {self._tail[0]}, h, w) {_dt(self._dtype)}"
         if not isinstance(z, Tensor):
-            raise TypeError(f"decode(): expected a torch.Tensor latent of shape {want}, got"
+            raise InputError(f"decode(): expected a torch.Tensor latent of shape {want}, got"
                             f" {type(z).__name__}")
         got = f"{tuple(z.shape)} {_dt(z.dtype)}"
         hint = ""
@@ -254,26 +303,18 @@ class Sampler:
             hint = ": did you pass the encoder's concatenated (mu, logvar) instead of a sample?"
         elif z.shape[1:] == self._tail:
             hint = f": convert it with z.to(torch.{_dt(self._dtype)})"
-        raise ValueError(f"decode(): expected a latent of shape {want}, got {got}{hint}")
+        raise InputError(f"decode(): expected a latent of shape {want}, got {got}{hint}")
 
     def _labels(self, labels: Any, n: int) -> Tensor:
+        """(n,) int64 labels from an integer (any kind: every row) or n integers in range."""
         s = self.spec
         if not s.conditional:
-            raise ValueError(f"this {s.family} model is unconditional; do not pass labels")
+            raise InputError(f"this {s.family} model is unconditional; do not pass labels")
         if labels is None:
-            raise ValueError(f"this conditional {s.family} model needs labels: pass labels="
+            raise InputError(f"this conditional {s.family} model needs labels: pass labels="
                              f" (--labels) an int or an integer tensor of shape ({n},) with"
                              f" values in [0, {s.num_classes})")
-        if isinstance(labels, int):
-            return torch.full((n,), labels, dtype=torch.int64, device=self.device)
-        y = torch.as_tensor(labels)
-        if y.shape != (n,) or y.dtype.is_floating_point or y.dtype is torch.bool:
-            raise ValueError(f"expected integer labels of shape ({n},), got {tuple(y.shape)}"
-                             f" {_dt(y.dtype)}")
-        if n and (int(y.min()) < 0 or int(y.max()) >= s.num_classes):
-            raise ValueError(f"labels must lie in [0, {s.num_classes}), got values in"
-                             f" [{int(y.min())}, {int(y.max())}]")
-        return y.to(device=self.device, dtype=torch.int64)
+        return as_labels(labels, n, s.num_classes).to(self.device)
 
     # --- sample -------------------------------------------------------------------------------
     def latents(self, n: int, seed: int | None = None) -> Tensor:
@@ -283,6 +324,8 @@ class Sampler:
                 f"this {self.spec.family} VAE has no prior to sample from: its latents come from"
                 " a diffusion model (N(0, I) draws decode to noise); decode latents with"
                 " decode(z) (python -m engine.sample decode LATENTS --vae ...)")
+        n = as_int(n, "n (the number of samples)", minimum=0)
+        seed = None if seed is None else as_int(seed, "seed", valid=SEEDS)
         gen = self._gen if seed is None else torch.Generator(self.device).manual_seed(seed)
         shape = (n, *self.spec.latent_shape)
         if self.spec.latent_kind == "codes":
@@ -295,10 +338,11 @@ class Sampler:
         samples whatever the batch size; decoding runs in batches of `batch_size` (default: the
         engine's max, or DEFAULT_CHUNK) written into outputs allocated once for all n.
         `extra` holds the decoder's other inputs for all n rows (e.g. mask= for crystals)."""
-        if n < 1:
-            raise ValueError(f"sample(): n must be >= 1, got {n}")
-        inputs = self._inputs(self.latents(n, seed), labels, extra)
+        n = as_int(n, "sample(): n", minimum=1)
         bs = self._batch_size(n, batch_size)
+        require_memory(self.spec, self.spec.latent_shape, bs, self.device, "sample()",
+                       self._itemsize, out_rows=n)
+        inputs = self._inputs(self.latents(n, seed), labels, extra)
         if n <= bs:
             return self._call(inputs)
         outs: list[Tensor] = []
@@ -316,8 +360,9 @@ class Sampler:
         lo, hi = self._backend.batch_range
         if batch_size is None:
             return min(n, hi or DEFAULT_CHUNK)
+        batch_size = as_int(batch_size, "batch_size")
         if batch_size < 1 or batch_size < lo or (hi is not None and batch_size > hi):
-            raise ValueError(f"batch_size {batch_size} is outside the engine's profile [{lo},"
+            raise InputError(f"batch_size {batch_size} is outside the engine's profile [{lo},"
                              f" {hi if hi is not None else 'inf'}]: pick a batch size in range or"
                              " rebuild the engine (python -m export.tensorrt --min-batch/"
                              "--max-batch)")
@@ -325,14 +370,17 @@ class Sampler:
 
     # --- encode -------------------------------------------------------------------------------
     def encode(self, x: Tensor, labels: Any = None) -> Tensor | tuple[Tensor, ...]:
-        """images (B, *output_shape) [+ labels] -> (mu, logvar), or codes for the VQ-VAE."""
+        """images (B, *output_shape) [+ labels] -> (mu, logvar), or codes for the VQ-VAE.
+        Float images of any precision are converted to float32; 0 rows give 0 rows. Bad inputs
+        raise InputError, as in decode()."""
         shape = torch.Size(self.spec.output_shape)
         if self._spatial and isinstance(x, Tensor):
             self._check_spatial_images(x)
         elif not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
             got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"encode(): expected images of shape (B, {', '.join(map(str, shape))})"
+            raise InputError(f"encode(): expected images of shape (B, {', '.join(map(str, shape))})"
                              f" float32, got {got}")
+        require_data(x, "encode(): the images")
         if x.is_cpu:
             require_finite(x, "encode(): the images")
         if self._encoder is None:
@@ -341,6 +389,8 @@ class Sampler:
         if self._cond or labels is not None:
             inputs += (self._labels(labels, x.shape[0]),)
         outs = self._run_batched(self._encoder.run, self._encoder.batch_range, inputs)
+        if x.is_cpu and self._cpu:
+            self._finite_outputs(x, outs, "encode()", "x")
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
@@ -348,12 +398,12 @@ class Sampler:
         """Images (B, C, H, W) for a latent-diffusion encoder: H, W multiples of the factor."""
         c, f = self.spec.output_shape[0], self._spatial
         if x.dim() != 4 or x.shape[1] != c or not x.is_floating_point():
-            raise ValueError(f"encode(): expected float images of shape (B, {c}, H, W) in"
+            raise InputError(f"encode(): expected float images of shape (B, {c}, H, W) in"
                              f" [-1, 1], got {tuple(x.shape)} {_dt(x.dtype)}")
         if x.shape[2] % f or x.shape[3] % f or not x.shape[2] or not x.shape[3]:
-            raise ValueError(f"encode(): image height and width must be positive multiples of"
+            raise InputError(f"encode(): image height and width must be positive multiples of"
                              f" {f}, got {tuple(x.shape[2:])}; crop or pad the images")
 
 
 def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return dtype_name(dtype)
