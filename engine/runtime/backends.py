@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import math
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -258,6 +259,9 @@ class AOTInductorBackend(Backend):
     def __init__(self, path: Path, device: str | None = None, part: str = "decoder") -> None:
         fix = "re-export it with python -m export.aoti CKPT"
         _verify(path, fix)
+        if not zipfile.is_zipfile(path):  # torch would log a misleading "outdated pt2" first
+            raise SamplerError(f"{path} is not an AOTInductor package (a .pt2 is a zip archive;"
+                               f" this file is truncated or something else); {fix}")
         try:
             runner = torch._inductor.aoti_load_package(str(path))
         except Exception as e:  # zip / dlopen / schema errors from torch

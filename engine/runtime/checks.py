@@ -58,6 +58,31 @@ def as_int(value: Any, what: str, minimum: int | None = None, valid: range | Non
     return v
 
 
+def parse_device(device: Any, what: str = "device") -> torch.device | None:
+    """`None`, or "cpu" / "cuda" / "cuda:N" (a str or torch.device) as a torch.device."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{what} {device!r} is not a device: expected cpu, cuda or cuda:N"
+                         ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{what} {device!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
+def check_device(device: Any, what: str = "device") -> None:
+    """parse_device(), and a CUDA device must exist here."""
+    dev = parse_device(device, what)
+    if dev is None or dev.type == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise InputError(f"{what} {device}: no CUDA GPU is visible here; use cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{what} {device}: only {torch.cuda.device_count()} GPU(s) here")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -45,6 +45,7 @@ from engine.runtime.checks import (
     decode_bytes,
     dtype_name,
     extra_input,
+    parse_device,
     require_data,
     require_memory,
 )
@@ -175,6 +176,7 @@ class Sampler:
         """
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
+        parse_device(device)  # a typo is one line; backends say when a GPU is missing
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
         cls_ = BACKENDS[name]  # each backend imports its library itself and says if it's missing
         if cls_ is EagerBackend:

@@ -9,11 +9,10 @@ from argparse import SUPPRESS, ArgumentParser, Namespace
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-
 from engine import checkpoint as ckpt
 from engine.losses import BetaSchedule, Objective
 from engine.models.registry import FAMILIES, training_recipe
+from engine.runtime import checks as runtime_checks
 
 
 def objective_from_args(args: Namespace, dataset_size: int) -> Objective:
@@ -69,19 +68,7 @@ def check_args(args: Namespace) -> None:
 
 def check_device(device: str | None) -> None:
     """`None`, "cpu", "cuda" or "cuda:N" for a GPU that exists here."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(
-            f"--device {device!r} is not a device: expected cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+    runtime_checks.check_device(device, "--device")
 
 
 # --- resuming -------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_truncated_onnx(onnx_exported, tmp_path):
 
 def test_truncated_pt2(aoti_exported, tmp_path):
     bad = _truncated_copy(aoti_exported("mlp") / "decoder.pt2", tmp_path / "decoder.pt2")
-    with pytest.raises(SamplerError, match="cannot load .* AOTInductor package"):
+    with pytest.raises(SamplerError, match="not an AOTInductor package"):
         Sampler.load(bad)
 
 
