@@ -263,6 +263,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def settle(export_dir: str | os.PathLike) -> None:
+    """Put back in place the newest complete copy that a crash mid-swap left and remove the
+    other half (no-op otherwise), e.g. before moving or deleting the export directory."""
+    export_dir = Path(export_dir)
+    tmp, old = _swap_names(export_dir)
+    if tmp.exists() or old.exists():  # else nothing to settle, and no lock file to leave
+        with _locked(export_dir):
+            finish_interrupted_swap(export_dir, tmp, old, complete, MANIFEST)
+            if (export_dir / MANIFEST).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def commit(export_dir: str | os.PathLike, model: dict[str, Any] | None,
            files: dict[str, tuple[Path, dict[str, Any] | None]]) -> dict[str, Any]:
     """Move staged files into `export_dir` and list them, all at once; returns the manifest.

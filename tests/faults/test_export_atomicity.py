@@ -250,3 +250,27 @@ def test_a_triton_model_dir_is_replaced_whole(export_dir, tmp_path, monkeypatch)
     assert triton.main([str(export_dir), "--out", str(repo), "--name", "m"]) == 0
     assert (repo / "m" / "config.pbtxt").read_text() == config
     assert sorted(p.name for p in repo.iterdir()) == ["m"]
+
+
+def test_a_resume_retires_an_export_a_crash_left_mid_swap(runs, export_dir, monkeypatch):
+    """`engine.train --resume` moves the export aside (rundir.retire_export) even when a crash
+    left it as `export.old` + `export.tmp`: the next export must not put it back beside the
+    new checkpoints. `--overwrite` (clear_run) deletes both halves."""
+    from engine.training.rundir import clear_run, retire_export
+
+    _, a, b = runs
+
+    def first_rename_only(tmp, path, old):
+        os.replace(path, old)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manifest, "swap_into_place", first_rename_only)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(b, export_dir, parts="decoder", batches=(1,))
+    monkeypatch.undo()
+    moved = retire_export(export_dir.parent)
+    assert moved is not None and agrees_with(moved, b) and residue(export_dir.parent) == []
+    export_dir.with_name("export.tmp").mkdir()  # halves of another interrupted swap
+    export_dir.with_name("export.old").mkdir()
+    clear_run(export_dir.parent)
+    assert residue(export_dir.parent) == [] and agrees_with(moved, b)
