@@ -193,16 +193,22 @@ def settled(export_dir: str | os.PathLike) -> Path | None:
 
 
 # --- committing: stage, then swap the whole directory -----------------------------------------
+def _real(export_dir: str | os.PathLike) -> Path:
+    """The directory a commit replaces: absolute (`--out .` has no name to extend), links
+    resolved (an `export` symlink keeps pointing at the folder its commits replace)."""
+    return Path(os.path.realpath(export_dir))
+
+
 def _swap_names(export_dir: Path) -> tuple[Path, Path]:
-    """(`<dir>.tmp`, `<dir>.old`) beside it (absolute: `--out .` has no name to extend)."""
-    d = Path(os.path.abspath(export_dir))
+    """(`<dir>.tmp`, `<dir>.old`) beside the real directory."""
+    d = _real(export_dir)
     return d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
 
 
 @contextlib.contextmanager
 def _locked(export_dir: Path) -> Iterator[None]:
     """flock on `<parent>/.<name>.lock`: beside the directory, which each commit replaces."""
-    d = Path(os.path.abspath(export_dir))
+    d = _real(export_dir)
     d.parent.mkdir(parents=True, exist_ok=True)
     with open(d.with_name(f".{d.name}.lock"), "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -233,7 +239,7 @@ def staging(export_dir: str | os.PathLike, check: bool = True) -> Iterator[Path]
     an exporter writes and checks its artifacts before `commit`; removed afterwards, whatever
     happened. Staging folders of processes that died (SIGKILL) are removed first. `check`: refuse
     up front a directory that `commit` would refuse."""
-    d = Path(os.path.abspath(export_dir))
+    d = _real(export_dir)
     if check:
         check_replaceable(d)
     d.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +272,7 @@ def _alive(pid: int) -> bool:
 def settle(export_dir: str | os.PathLike) -> None:
     """Put back in place the newest complete copy that a crash mid-swap left and remove the
     other half (no-op otherwise), e.g. before moving or deleting the export directory."""
-    export_dir = Path(export_dir)
+    export_dir = _real(export_dir)
     tmp, old = _swap_names(export_dir)
     if tmp.exists() or old.exists():  # else nothing to settle, and no lock file to leave
         with _locked(export_dir):
@@ -288,7 +294,7 @@ def commit(export_dir: str | os.PathLike, model: dict[str, Any] | None,
     Any failure before the swap leaves `export_dir` as it was. When `model` describes another
     model config than the manifest's, the old entries are stale: dropped, with a warning.
     """
-    export_dir = Path(export_dir)
+    export_dir = _real(export_dir)
     with _locked(export_dir):
         tmp, old = _swap_names(export_dir)
         finish_interrupted_swap(export_dir, tmp, old, complete, MANIFEST)

@@ -118,3 +118,20 @@ def test_bad_manifests(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": 99}')
     with pytest.raises(manifest.ManifestError, match="expected manifest format 1, got 99"):
         manifest.read(tmp_path)
+
+
+def test_a_symlinked_export_dir_stays_a_link_to_the_committed_folder(tmp_path):
+    """`run/export -> /data/export`: the commit replaces the folder the link points at, beside
+    it (same filesystem as its staging), and the link keeps working."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "run" / "export"
+    link.symlink_to(tmp_path / "data" / "export")
+    for _ in range(2):
+        with manifest.staging(link) as stage:
+            assert stage.parent == tmp_path / "data"
+            path, entry = _staged(stage, "d.onnx")
+            manifest.commit(link, {"config": {}}, {"d.onnx": (path, entry)})
+        assert link.is_symlink() and manifest.complete(link)
+        assert manifest.read(link)["artifacts"]["d.onnx"]["sha256"] == entry["sha256"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".export.lock", "export"]
