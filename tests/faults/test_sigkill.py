@@ -100,7 +100,7 @@ def saved_since(run: Path, since: float):
 @needs_mnist
 def test_training_survives_sigkill_at_random_moments(tmp_path):
     rng, run = random.Random(SEED), tmp_path / "run"
-    log: list[str] = []
+    log = [f"seed {SEED} (VAE_SIGKILL_SEED reruns it)"]
     for i in range(3):
         resume = ("--resume",) if check_run(run, str(log)) is not None else ("--overwrite",)
         delay = round(rng.uniform(0.0, 2.5), 2)
