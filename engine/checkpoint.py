@@ -198,7 +198,7 @@ def save(
 ) -> Path:
     """Write a checkpoint directory atomically. `extra_state` must be JSON-serialisable."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp, old = _swap_names(path)
     _finish_interrupted_swap(path, tmp, old)
     shutil.rmtree(tmp, ignore_errors=True)
     config = {"format": FORMAT_VERSION, "model": config_to_dict(model.config),
@@ -217,7 +217,7 @@ def save(
     except BaseException as e:  # a full or read-only disk: the old checkpoint stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
         raise_named(e, path, tmp, *(tmp / n for n in (*WEIGHT_FILES, "config.json", "state.json")))
-    _swap_into_place(tmp, path, old)
+    swap_into_place(tmp, path, old)
     return path
 
 
@@ -226,18 +226,42 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     _fsync_file(path)
 
 
+def _swap_names(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+
 def _finish_interrupted_swap(path: Path, tmp: Path, old: Path) -> None:
+    finish_interrupted_swap(path, tmp, old, _complete, "state.json")
+
+
+def finish_interrupted_swap(path: Path, tmp: Path, old: Path, complete: Callable[[Path], bool],
+                            marker: str) -> None:
     """A crash between `path -> old` and `tmp -> path` leaves no `path`: put the newest complete
-    copy in place before writing, so the next save never deletes the only good checkpoint."""
-    if (path / "state.json").exists():
+    copy in place (the `tmp` that `complete` accepts, else `old`), so that the next write never
+    deletes the only good copy. `marker` is the file a directory of this kind always holds
+    (state.json, manifest.json, ...)."""
+    if (path / marker).exists():
         return
-    if _complete(tmp):
+    if complete(tmp):
         os.replace(tmp, path)
-    elif (old / "state.json").exists():
+    elif (old / marker).exists():
         os.replace(old, path)
 
 
-def _swap_into_place(tmp: Path, path: Path, old: Path) -> None:
+def settled_copy(path: Path, tmp: Path, old: Path, complete: Callable[[Path], bool],
+                 marker: str) -> Path | None:
+    """Where a reader finds the directory `path` now: `path` itself, or, if a crash left it
+    mid-swap, the newest complete copy (`tmp` if `complete`, else `old`); None if none."""
+    if (path / marker).exists():
+        return path
+    if complete(tmp):
+        return tmp
+    return old if (old / marker).exists() else None
+
+
+def swap_into_place(tmp: Path, path: Path, old: Path) -> None:
+    """`path -> old`, `tmp -> path`, fsync, remove `old`: readers see the old or the new
+    directory, never a mix; a crash in between is settled by `finish_interrupted_swap`."""
     fsync_dir(tmp)
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -274,12 +298,7 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def _settled(path: Path) -> Path | None:
     """`path` if it is a checkpoint; if a crash left it mid-swap, the newest complete copy."""
-    if (path / "state.json").exists():
-        return path
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    if _complete(tmp):
-        return tmp
-    return old if (old / "state.json").exists() else None
+    return settled_copy(path, *_swap_names(path), _complete, "state.json")
 
 
 def _complete(path: Path) -> bool:

@@ -119,13 +119,15 @@ def export_aoti(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
 
 def export_source(source: Any, out_dir: Path, device: str = "cpu", parts: str | None = "decoder",
                   batches: tuple[int, ...] | None = None) -> dict[str, Path]:
-    """export_aoti of an already loaded model (a `Source`) into `out_dir`."""
+    """export_aoti of an already loaded model (a `Source`) into `out_dir`, staged and committed
+    at once like export.onnx's."""
     names = parse_parts(parts, list(source.model.export_parts()))
-    written, entries, model = {}, {}, None
-    for name in names:
-        path, entry, model = export_part(source, name, out_dir, device, batches)
-        written[name], entries[path.name] = path, entry
-    manifest.update(out_dir, model, entries)
+    written, files, model = {}, {}, None
+    with manifest.staging(out_dir) as stage:  # compiled and checked here, then moved in at once
+        for name in names:
+            path, entry, model = export_part(source, name, stage, device, batches)
+            written[name], files[path.name] = out_dir / path.name, (path, entry)
+        manifest.commit(out_dir, model, files)
     return written
 
 

@@ -1,8 +1,13 @@
 """manifest.json of an export directory: what each artifact is and how it was checked.
 
-Both exporters (export.onnx, export.aoti) and export.tensorrt add their entries through
-`update()`, a locked read-modify-write followed by an atomic replace, so concurrent exporters
-into one directory never lose each other's entries. Layout (format 1):
+Exporters write their artifacts into a private `staging()` folder beside the export directory,
+check them there, and hand them to `commit()`: under a lock beside the directory, a hard-link
+copy `<dir>.tmp/` gets the new files and the merged manifest, then replaces `<dir>/` through
+`<dir>.old/` (the checkpoints' swap). So a reader sees the old directory or the new one, never
+a manifest that disagrees with its files; a failed export (parity, full disk, a kill) leaves the
+old one untouched; concurrent exporters into one directory keep each other's files. A crash
+between the two renames is read from where it stands (`settled()`: the complete `.tmp/`, else
+`.old/`) and put back in place by the next commit. Layout (format 1):
 
     {
       "format": 1,
@@ -43,7 +48,9 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,11 +58,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from engine.checkpoint import atomic_write_json, sha256
+from engine.checkpoint import (
+    atomic_write_json,
+    finish_interrupted_swap,
+    settled_copy,
+    sha256,
+    swap_into_place,
+)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-_LOCK = ".manifest.lock"
+_OLD_LOCK = ".manifest.lock"  # inside the directory, before commits swapped it whole
 LABEL_INPUTS = ("y", "labels")  # decoder inputs that carry class labels (conditional models)
 
 
@@ -131,14 +144,20 @@ def artifact_entry(path: Path, part: str, fmt: str, *, inputs: list[dict], outpu
             "settings": settings, "source": source or {}, "parity": parity}
 
 
-# --- reading and updating --------------------------------------------------------------------
+# --- reading ---------------------------------------------------------------------------------
 def read(export_dir: str | os.PathLike, *, missing_ok: bool = True) -> dict[str, Any]:
-    path = Path(export_dir) / MANIFEST
+    """The manifest of `export_dir`, or of the newest complete copy a crash mid-swap left."""
+    export_dir = Path(export_dir)
+    path = (settled(export_dir) or export_dir) / MANIFEST
     if not path.exists():
         if missing_ok:
             return {"format": FORMAT, "model": None, "artifacts": {}}
         raise ManifestError(f"no {MANIFEST} in {export_dir}: export there first"
                             " (python -m export.onnx CKPT --out DIR)")
+    return _parse(path)
+
+
+def _parse(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -151,10 +170,47 @@ def read(export_dir: str | os.PathLike, *, missing_ok: bool = True) -> dict[str,
     return data
 
 
+def complete(export_dir: Path) -> bool:
+    """A fully written export directory: manifest.json (written last) parses and every file it
+    lists matches its recorded size and SHA-256."""
+    try:
+        artifacts = _parse(export_dir / MANIFEST)["artifacts"]
+        return all(isinstance(e, dict) and _matches(export_dir / name, e)
+                   for name, e in artifacts.items())
+    except (OSError, ManifestError):
+        return False
+
+
+def _matches(path: Path, entry: dict[str, Any]) -> bool:
+    return path.stat().st_size == entry.get("bytes") and sha256(path) == entry.get("sha256")
+
+
+def settled(export_dir: str | os.PathLike) -> Path | None:
+    """Where the export directory stands: itself, or, when a crash between its two renames
+    left none, the complete new `<dir>.tmp/`, else the previous `<dir>.old/`; None if none."""
+    export_dir = Path(export_dir)
+    return settled_copy(export_dir, *_swap_names(export_dir), complete, MANIFEST)
+
+
+# --- committing: stage, then swap the whole directory -----------------------------------------
+def _real(export_dir: str | os.PathLike) -> Path:
+    """The directory a commit replaces: absolute (`--out .` has no name to extend), links
+    resolved (an `export` symlink keeps pointing at the folder its commits replace)."""
+    return Path(os.path.realpath(export_dir))
+
+
+def _swap_names(export_dir: Path) -> tuple[Path, Path]:
+    """(`<dir>.tmp`, `<dir>.old`) beside the real directory."""
+    d = _real(export_dir)
+    return d.with_name(d.name + ".tmp"), d.with_name(d.name + ".old")
+
+
 @contextlib.contextmanager
 def _locked(export_dir: Path) -> Iterator[None]:
-    export_dir.mkdir(parents=True, exist_ok=True)
-    with open(export_dir / _LOCK, "a") as f:
+    """flock on `<parent>/.<name>.lock`: beside the directory, which each commit replaces."""
+    d = _real(export_dir)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.with_name(f".{d.name}.lock"), "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -162,28 +218,139 @@ def _locked(export_dir: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def update(export_dir: str | os.PathLike, model: dict[str, Any] | None,
-           artifacts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Add or replace `artifacts` (file name -> entry); returns the manifest written.
+def check_replaceable(export_dir: Path) -> None:
+    """An export replaces its directory as a whole (two renames): refuse a mount point and a
+    folder of other files (`--out .`), which must never be moved aside."""
+    fix = f"export into a new or empty folder, e.g. --out {Path(export_dir) / 'export'}"
+    if os.path.ismount(export_dir):
+        raise ManifestError(f"--out {export_dir} is a mount point, which an export cannot"
+                            f" replace by renaming; {fix}")
+    if export_dir.exists() and not export_dir.is_dir():
+        raise ManifestError(f"--out {export_dir} is a file, not an export directory; {fix}")
+    if export_dir.is_dir() and settled(export_dir) is None and \
+            any(p.name != _OLD_LOCK for p in export_dir.iterdir()):
+        raise ManifestError(f"--out {export_dir} holds files but no {MANIFEST}: it is not an"
+                            f" export directory, and an export replaces its folder whole; {fix}")
 
-    When `model` describes another model config than the manifest's, the old entries are
-    stale (their files are about to be or were overwritten): they are dropped, with a warning.
+
+@contextlib.contextmanager
+def staging(export_dir: str | os.PathLike, check: bool = True) -> Iterator[Path]:
+    """A private folder beside `export_dir` (same filesystem: its files move in by rename) where
+    an exporter writes and checks its artifacts before `commit`; removed afterwards, whatever
+    happened. Staging folders of processes that died (SIGKILL) are removed first. `check`: refuse
+    up front a directory that `commit` would refuse."""
+    d = _real(export_dir)
+    if check:
+        check_replaceable(d)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_stages(d)
+    stage = Path(tempfile.mkdtemp(prefix=f".{d.name}.stage-{os.getpid()}-", dir=d.parent))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_dead_stages(export_dir: Path) -> None:
+    prefix = f".{export_dir.name}.stage-"
+    for p in export_dir.parent.iterdir():
+        pid = p.name[len(prefix):].split("-", 1)[0] if p.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def settle(export_dir: str | os.PathLike) -> None:
+    """Put back in place the newest complete copy that a crash mid-swap left and remove the
+    other half (no-op otherwise), e.g. before moving or deleting the export directory."""
+    export_dir = _real(export_dir)
+    tmp, old = _swap_names(export_dir)
+    if tmp.exists() or old.exists():  # else nothing to settle, and no lock file to leave
+        with _locked(export_dir):
+            finish_interrupted_swap(export_dir, tmp, old, complete, MANIFEST)
+            if (export_dir / MANIFEST).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def commit(export_dir: str | os.PathLike, model: dict[str, Any] | None,
+           files: dict[str, tuple[Path, dict[str, Any] | None]]) -> dict[str, Any]:
+    """Move staged files into `export_dir` and list them, all at once; returns the manifest.
+
+    files: name -> (staged path, manifest entry, or None for a file listed nowhere, e.g. a
+    TensorRT sidecar). Under the lock: settle a swap a crash interrupted, build `<dir>.tmp/` as
+    hard links of the current files (no data copied, and the renames below never touch the
+    current directory's inodes), rename the staged files over them, write the merged manifest,
+    then swap `<dir>.tmp/` into place through `<dir>.old/` (engine.checkpoint.swap_into_place).
+    Any failure before the swap leaves `export_dir` as it was. When `model` describes another
+    model config than the manifest's, the old entries are stale: dropped, with a warning.
     """
-    export_dir = Path(export_dir)
+    export_dir = _real(export_dir)
     with _locked(export_dir):
-        data = read(export_dir)
-        if model is not None:
-            old = data.get("model")
-            if old is not None and old.get("config") != model.get("config"):
-                stale = sorted(set(data["artifacts"]) - set(artifacts))
-                if stale:
-                    print(f"warning: {export_dir / MANIFEST} described another model config;"
-                          f" dropping its entries {stale}", file=sys.stderr)
-                data["artifacts"] = {}
-            data["model"] = model
-        data["artifacts"].update(artifacts)
-        atomic_write_json(export_dir / MANIFEST, data)
+        tmp, old = _swap_names(export_dir)
+        finish_interrupted_swap(export_dir, tmp, old, complete, MANIFEST)
+        check_replaceable(export_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        data = _merged(read(export_dir), export_dir, model,
+                       {n: e for n, (_, e) in files.items() if e is not None})
+        try:
+            _link_tree(export_dir, tmp)
+            for name, (staged, _) in files.items():
+                _fsync_file(staged)
+                os.replace(staged, tmp / name)
+            atomic_write_json(tmp / MANIFEST, data)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        swap_into_place(tmp, export_dir, old)
         return data
+
+
+def _merged(data: dict[str, Any], export_dir: Path, model: dict[str, Any] | None,
+            entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if model is not None:
+        old = data.get("model")
+        if old is not None and old.get("config") != model.get("config"):
+            stale = sorted(set(data["artifacts"]) - set(entries))
+            if stale:
+                print(f"warning: {export_dir / MANIFEST} described another model config;"
+                      f" dropping its entries {stale}", file=sys.stderr)
+            data["artifacts"] = {}
+        data["model"] = model
+    data["artifacts"].update(entries)
+    return data
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst`: src's files and folders as hard links (copies where links fail), without its
+    manifest (rewritten) and a lock file of the format before (`.manifest.lock`)."""
+    if not src.is_dir():
+        dst.mkdir(parents=True)
+        return
+    skip = lambda folder, names: [n for n in names if Path(folder) == src
+                                  and n in (MANIFEST, _OLD_LOCK)]
+    shutil.copytree(src, dst, symlinks=True, ignore=skip, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def find(manifest: dict[str, Any], part: str = "decoder",

@@ -173,13 +173,16 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
 def export_source(source: Any, out_dir: Path, opset: int = DEFAULT_OPSET, fp16: bool = False,
                   parts: str | None = None, batches: tuple[int, ...] | None = None
                   ) -> dict[str, Path]:
-    """export_onnx of an already loaded model (a `Source`) into `out_dir`."""
+    """export_onnx of an already loaded model (a `Source`) into `out_dir`: every part is written
+    and checked in a staging folder, then committed with the manifest at once (a failed part
+    leaves `out_dir` as it was)."""
     all_parts = source.model.export_parts()
-    written, entries = {}, {}
-    for name in parse_parts(parts, list(all_parts)):
-        path, entry = export_part(source, all_parts, name, out_dir, opset, fp16, batches)
-        written[name], entries[path.name] = path, entry
-    manifest.update(out_dir, model_description(source, all_parts), entries)
+    written, files = {}, {}
+    with manifest.staging(out_dir) as stage:  # written and checked here, then moved in at once
+        for name in parse_parts(parts, list(all_parts)):
+            path, entry = export_part(source, all_parts, name, stage, opset, fp16, batches)
+            written[name], files[path.name] = out_dir / path.name, (path, entry)
+        manifest.commit(out_dir, model_description(source, all_parts), files)
     return written
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -33,9 +34,15 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import atomic_write_bytes, atomic_write_json, describe_os_error, sha256
+from engine.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    describe_os_error,
+    fsync_dir,
+    sha256,
+)
 from export import manifest
-from export.common import PARITY_BATCHES, check_parity
+from export.common import PARITY_BATCHES, ExportError, check_parity
 from export.onnx import ort_runner
 
 SIDECAR_FORMAT = 1
@@ -230,7 +237,7 @@ def onnx_inputs(onnx_path: Path) -> tuple[list[tuple[str, list]], dict[str, str]
 def build_engine(onnx_path: Path, out: Path | None = None, precision: str = "fp32",
                  batches: list[tuple[int, int, int]] | None = None, workspace_gb: float = 4.0,
                  timing_cache: Path | None = None) -> Path:
-    """Build, serialize and describe an engine; returns its path."""
+    """Build, serialize, check and describe an engine; returns its path."""
     onnx_path = Path(onnx_path)
     inputs, metadata = onnx_inputs(onnx_path)
     profiles = plan_profiles(inputs, batches or parse_profiles(None))
@@ -246,22 +253,48 @@ def build_engine(onnx_path: Path, out: Path | None = None, precision: str = "fp3
         serialized = builder.build_serialized_network(network, config)
         _check(serialized, f"build_serialized_network({onnx_path.name}, {precision})")
     data = bytes(memoryview(serialized))
-    atomic_write_bytes(out, data)
-    atomic_write_json(sidecar_path(out), {
+    sidecar = {
         "format": SIDECAR_FORMAT, "engine": out.name, "onnx": onnx_path.name,
-        "onnx_sha256": sha256(onnx_path), "engine_sha256": sha256(out), "bytes": len(data),
-        "tensorrt": trt.__version__, "gpu": gpu, "compute_capability": capability,
-        "precision": precision, "profiles": profiles, "batch_range": list(batch_range(profiles)),
-        "workspace_gb": workspace_gb, "metadata": {**metadata, "precision": precision},
-    })
-    _check_and_record(out, onnx_path, precision)
+        "onnx_sha256": sha256(onnx_path), "engine_sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data), "tensorrt": trt.__version__, "gpu": gpu,
+        "compute_capability": capability, "precision": precision, "profiles": profiles,
+        "batch_range": list(batch_range(profiles)), "workspace_gb": workspace_gb,
+        "metadata": {**metadata, "precision": precision}}
+    return publish(data, sidecar, out, onnx_path, precision)
+
+
+def publish(data: bytes, sidecar: dict[str, Any], out: Path, onnx_path: Path,
+            precision: str) -> Path:
+    """Write engine + sidecar in a staging folder, check parity there, then move both in: into
+    the export directory with its manifest entry at once (manifest.commit) when the ONNX file
+    is listed in a manifest beside `out`, else each by rename (a kill between the two leaves a
+    pair whose SHA-256 disagree, which the runner refuses). A failed check moves nothing."""
+    listed = _in_export_dir(out, onnx_path)
+    # outside an export directory: a staging folder beside the engine, nothing else checked
+    with manifest.staging(out.parent if listed else out, check=listed) as stage:
+        engine = stage / out.name
+        atomic_write_bytes(engine, data)
+        atomic_write_json(sidecar_path(engine), sidecar)
+        parity = _check_engine(engine, onnx_path, precision)
+        files = {out.name: (engine, None), sidecar_path(out).name: (sidecar_path(engine), None)}
+        if listed:
+            entry = _manifest_entry(engine, onnx_path, precision, parity)
+            manifest.commit(out.parent, None, {**files, out.name: (engine, entry)})
+        else:
+            for name, (staged, _) in files.items():
+                os.replace(staged, out.parent / name)
+            fsync_dir(out.parent)
     return out
 
 
-def _check_and_record(engine: Path, onnx_path: Path, precision: str) -> dict[str, Any]:
+def _in_export_dir(out: Path, onnx_path: Path) -> bool:
+    listed = manifest.read(out.parent).get("artifacts", {}).get(onnx_path.name)
+    return listed is not None and out.parent == onnx_path.parent
+
+
+def _check_engine(engine: Path, onnx_path: Path, precision: str) -> dict[str, Any]:
     """Parity of the engine against ONNX Runtime (CPU) on the same ONNX file, at the usual
-    batch sizes clipped to the engine's range; recorded in the sidecar and, when the ONNX file
-    is listed in a manifest beside it, in that manifest."""
+    batch sizes clipped to the engine's range; recorded in the sidecar beside the engine."""
     runner = TensorRTRunner(engine)
     lo, hi = runner.batch_range
     batches = sorted({min(max(b, lo), hi) for b in PARITY_BATCHES})
@@ -273,18 +306,21 @@ def _check_and_record(engine: Path, onnx_path: Path, precision: str) -> dict[str
     parity = check_parity(engine.name, ort_runner(onnx_path),
                           lambda *xs: [o.cpu() for o in runner.run([x.cuda() for x in xs])],
                           [n for n, _ in inputs], examples, config, precision, batches)
-    sidecar = {**runner.sidecar, "parity": parity}
-    atomic_write_json(sidecar_path(engine), sidecar)
-    listed = manifest.read(engine.parent).get("artifacts", {}).get(onnx_path.name)
-    if listed is not None and engine.parent == onnx_path.parent:
-        entry = {**listed, "format": "tensorrt", "file": engine.name, "sha256": sha256(engine),
-                 "bytes": engine.stat().st_size, "precision": precision, "device": "cuda",
-                 "batch_range": [lo, hi], "parity": parity,
-                 "settings": {"tensorrt": sidecar["tensorrt"], "gpu": sidecar["gpu"],
-                              "compute_capability": sidecar["compute_capability"],
-                              "profiles": sidecar["profiles"], "onnx": onnx_path.name}}
-        manifest.update(engine.parent, None, {engine.name: entry})
+    atomic_write_json(sidecar_path(engine), {**runner.sidecar, "parity": parity})
     return parity
+
+
+def _manifest_entry(engine: Path, onnx_path: Path, precision: str,
+                    parity: dict[str, Any]) -> dict[str, Any]:
+    """The engine's manifest entry: its ONNX file's, with what the engine changes."""
+    listed = manifest.read(onnx_path.parent)["artifacts"][onnx_path.name]
+    sidecar = read_sidecar(engine)
+    return {**listed, "format": "tensorrt", "file": engine.name, "sha256": sha256(engine),
+            "bytes": engine.stat().st_size, "precision": precision, "device": "cuda",
+            "batch_range": list(batch_range(sidecar["profiles"])), "parity": parity,
+            "settings": {"tensorrt": sidecar["tensorrt"], "gpu": sidecar["gpu"],
+                         "compute_capability": sidecar["compute_capability"],
+                         "profiles": sidecar["profiles"], "onnx": onnx_path.name}}
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -378,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.onnx} does not exist; export it: python -m export.onnx CKPT")
         out = build_engine(Path(args.onnx), args.out and Path(args.out), precision, batches,
                            args.workspace_gb, args.timing_cache and Path(args.timing_cache))
-    except (TensorRTError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (TensorRTError, ExportError, manifest.ManifestError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)  # ExportError: a failed parity check
         return 1
     except OSError as e:  # a read-only or full --out / --timing-cache folder
         print(f"error: {describe_os_error(e)}", file=sys.stderr)

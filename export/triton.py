@@ -6,7 +6,7 @@
     python -m export.triton runs/mnist/export/decoder.engine --out repo     # a TensorRT plan
     tritonserver --model-repository repo                                    # then serve it
 
-writes, atomically (built beside, then renamed into place):
+writes, all or nothing (built in a hidden folder beside, then swapped into place):
 
     REPO/<name>/config.pbtxt
     REPO/<name>/1/model.onnx          (platform onnxruntime_onnx), or
@@ -37,7 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoint import describe_os_error
+from engine.checkpoint import (
+    atomic_write_bytes,
+    describe_os_error,
+    finish_interrupted_swap,
+    fsync_dir,
+    swap_into_place,
+)
 from export import manifest
 from export import tensorrt as trt_export
 
@@ -90,7 +96,8 @@ def graph_tensors(onnx_path: Path) -> tuple[list[Tensor], list[Tensor]]:
 def model_file(artifact: Path, part: str) -> Path:
     """The .onnx / .engine / .plan file of `part`: the artifact itself, or from an export
     directory's manifest (ONNX first, as it runs on every Triton)."""
-    if artifact.is_dir():
+    if artifact.is_dir() or manifest.settled(artifact) is not None:
+        artifact = manifest.settled(artifact) or artifact  # a crash mid-commit: its whole copy
         try:
             listed = manifest.find(manifest.read(artifact, missing_ok=False), part,
                                    formats=("onnx", "tensorrt"))
@@ -172,24 +179,31 @@ def default_name(model: Path, part: str) -> str:
 
 
 def write_model_dir(repo: Path, name: str, config: str, model: Path, file_name: str) -> Path:
-    """REPO/<name>/{config.pbtxt, 1/<file_name>}, built in a hidden temp dir beside it and
-    renamed into place (an older <name> is moved aside first, then removed)."""
+    """REPO/<name>/{config.pbtxt, 1/<file_name>}, all or nothing: built in the hidden
+    `REPO/.<name>.tmp/` (model file fsynced, config.pbtxt written last), then swapped in through
+    `REPO/.<name>.old/` like a checkpoint. A swap that a crash interrupted (no `<name>/`) is
+    settled first: the complete new copy, else the old one, is put back in place."""
     repo.mkdir(parents=True, exist_ok=True)
-    final = repo / name
-    tmp = repo / f".{name}.tmp-{os.getpid()}"
-    old = repo / f".{name}.old-{os.getpid()}"
+    final, tmp, old = repo / name, repo / f".{name}.tmp", repo / f".{name}.old"
+    finish_interrupted_swap(final, tmp, old, _complete, "config.pbtxt")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / "1").mkdir(parents=True)
         shutil.copyfile(model, tmp / "1" / file_name)
-        (tmp / "config.pbtxt").write_text(config)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    finally:
+        with open(tmp / "1" / file_name, "rb") as f:
+            os.fsync(f.fileno())
+        fsync_dir(tmp / "1")
+        atomic_write_bytes(tmp / "config.pbtxt", config.encode())
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        raise
+    swap_into_place(tmp, final, old)
     return final
+
+
+def _complete(model_dir: Path) -> bool:
+    """config.pbtxt is written last: with it, the version folder is whole."""
+    return (model_dir / "config.pbtxt").is_file() and (model_dir / "1").is_dir()
 
 
 def export_triton(artifact: str | os.PathLike, out: str | os.PathLike, name: str | None = None,

@@ -88,8 +88,8 @@ def resolve(path: str | os.PathLike, backend: str | None, device: str | None
     p = Path(path)
     if backend is not None and backend not in BACKENDS:
         raise SamplerError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if p.is_dir() and (p / "manifest.json").exists():
-        return _choose_from_export_dir(p, backend, device)
+    if (settled := manifest.settled(p)) is not None:  # a crash mid-commit: its complete copy
+        return _choose_from_export_dir(settled, backend, device)
     if p.is_dir():
         if backend not in (None, "eager", "compile"):
             raise SamplerError(f"{p} is a checkpoint/run directory: it runs with the eager backend;"

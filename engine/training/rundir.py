@@ -14,9 +14,11 @@ import json
 import shutil
 from pathlib import Path
 
+from export import manifest
+
 RUN_FILES = ("config.json", "metrics.jsonl", "test.json")
 RUN_DIRS = ("last", "best", "last.tmp", "last.old", "best.tmp", "best.old", "samples", "recon",
-            "plots", "export")
+            "plots", "export", "export.tmp", "export.old")
 
 
 def existing_run_files(out: Path) -> list[str]:
@@ -49,6 +51,7 @@ def retire_export(out: Path) -> Path | None:
     resumed run rewrites the checkpoints, so that no export sits beside checkpoints it no
     longer matches. Returns the new location, or None when there was no export."""
     export = out / "export"
+    manifest.settle(export)  # an export that a crash left mid-swap is moved as well
     if not export.exists():
         return None
     step = _export_step(export)
