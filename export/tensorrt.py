@@ -10,15 +10,12 @@ profiles, the ONNX file's metadata (latent/output shapes, input names, ...) and 
 SHA-256. The runner refuses an engine whose sidecar names another TensorRT version or compute
 capability: serialized engines are tied to both.
 
-The build is a few small steps (parse, config, profiles, timing cache, build), each TensorRT
-boolean checked with the tensor name in the message. The runner uses the TensorRT 10 named-tensor
-API: set_input_shape / set_tensor_address on torch tensors' data_ptr(), execute_async_v3 on
-torch's current CUDA stream. `tensorrt` is imported lazily; without it (or without a GPU) the
-commands fail with one clear line.
-
-Verified here: profile planning, sidecar validation and the missing-TensorRT / missing-GPU
-errors (tests/export/test_tensorrt.py). Written against the TensorRT 10 Python API but not run:
-no machine of this project has TensorRT installed.
+The build (parse, config, profiles, timing cache, build) checks each TensorRT boolean, naming the
+tensor. The runner uses the TensorRT 10 named-tensor API (set_input_shape / set_tensor_address
+on torch data_ptr(), execute_async_v3 on torch's current stream). `tensorrt` is imported lazily;
+without it (or a GPU) the commands fail with one clear line. Verified here: profile planning,
+sidecar validation, the commit and the missing-TensorRT / GPU errors (tests/export/
+test_tensorrt.py). Written against TensorRT 10 but never run: no machine here has TensorRT.
 """
 
 from __future__ import annotations
@@ -34,13 +31,8 @@ from typing import Any
 
 import torch
 
-from engine.checkpoint import (
-    atomic_write_bytes,
-    atomic_write_json,
-    describe_os_error,
-    fsync_dir,
-    sha256,
-)
+from engine import checkpoint
+from engine.checkpoint import atomic_write_bytes, atomic_write_json, fsync_dir, sha256
 from export import manifest
 from export.common import PARITY_BATCHES, ExportError, check_parity
 from export.onnx import ort_runner
@@ -414,11 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.onnx} does not exist; export it: python -m export.onnx CKPT")
         out = build_engine(Path(args.onnx), args.out and Path(args.out), precision, batches,
                            args.workspace_gb, args.timing_cache and Path(args.timing_cache))
-    except (TensorRTError, ExportError, manifest.ManifestError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)  # ExportError: a failed parity check
-        return 1
-    except OSError as e:  # a read-only or full --out / --timing-cache folder
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+    except (TensorRTError, ExportError, manifest.ManifestError, ValueError, OSError) as e:
+        # ExportError: a failed parity check; OSError: a read-only or full --out folder
+        why = checkpoint.describe_os_error(e) if isinstance(e, OSError) else e
+        print(f"error: {why}", file=sys.stderr)
         return 1
     print(f"wrote {out} and {sidecar_path(out).name}")
     return 0

@@ -225,9 +225,13 @@ def test_onnx_export_into_a_read_only_or_full_folder(onnx_export, places, capsys
 def test_onnx_export_over_an_export_on_a_full_disk(onnx_export, places, capsys):
     from export.onnx import main
 
-    mnt = places.make(FULL, copy_into(onnx_export / "export"), leave_kb=8)
+    def populate(root: Path) -> None:  # the disk holds the export (a folder, not the mount)
+        shutil.copytree(onnx_export / "export", root / "export")
+        keep_notes(root)
+
+    mnt = places.make(FULL, populate, leave_kb=8)
     before = snapshot(mnt)
-    argv = [str(onnx_export), "--out", str(mnt), "--parity-batches", "1"]
+    argv = [str(onnx_export), "--out", str(mnt / "export"), "--parity-batches", "1"]
     check_failure(FULL, *run_cli(main, argv, capsys), mnt, before)
 
 
