@@ -22,7 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.runtime import SamplerError, resolve
+from engine.runtime import InputError, SamplerError, resolve
+from engine.runtime.checks import check_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,17 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_batch < 1 or args.max_queue < 1 or args.max_delay_ms < 0 or args.max_sample < 1 \
-            or args.max_body_mb <= 0 or not 0 <= args.port < 65536:
-        print("error: --max-batch, --max-queue and --max-sample must be >= 1, --max-delay-ms >= 0,"
-              " --max-body-mb > 0 and --port in [0, 65535]", file=sys.stderr)
+            or args.max_body_mb <= 0 or not 0 <= args.port < 65536 \
+            or (args.threads is not None and args.threads < 1):
+        print("error: --max-batch, --max-queue, --max-sample and --threads must be >= 1,"
+              " --max-delay-ms >= 0, --max-body-mb > 0 and --port in [0, 65535]", file=sys.stderr)
         return 2
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:  # the artifact is only loaded once the server is up: refuse a bad path right away
+        check_device(args.device, "--device")
         if not Path(args.artifact).exists():
             raise SamplerError(f"{args.artifact} does not exist; pass an export directory, an"
                                " .onnx/.engine/.pt2 file or a checkpoint/run directory")
         resolve(args.artifact, None if args.backend == "compile" else args.backend, args.device)
-    except SamplerError as e:
+    except (SamplerError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The serve extra (starlette, uvicorn, prometheus-client) is imported only by this command.

@@ -24,7 +24,9 @@ from engine.models.registry import config_to_dict
 from engine.runtime import ort_cpu
 from engine.runtime.checks import (
     TensorSig,
+    as_int,
     binding_signature,
+    check_device,
     check_graph,
     check_part,
     ort_signature,
@@ -142,6 +144,7 @@ class OnnxRuntimeBackend(Backend):
         entry = _verify(path, fix)
         self.path, self.precision = path, (entry or {}).get("precision", "fp32")
         opts = ort.SessionOptions()
+        threads = None if threads is None else as_int(threads, "threads", minimum=1)
         if threads:  # ONNX Runtime's own pool; torch's threads are a process-wide setting
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         providers = self._providers(ort, device)
@@ -316,6 +319,7 @@ class EagerBackend(Backend):
                  part: str = "decoder", loaded: tuple[Any, dict] | None = None,
                  config: str | None = None) -> None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        check_device(device)  # a CUDA device that is not there: one line, not a driver error
         model, config = loaded or load_eager(path, device, config)
         parts = {k: _on(p, device) for k, p in model.export_parts().items()}
         if part not in parts:

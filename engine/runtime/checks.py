@@ -281,23 +281,57 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
 
 
+def encode_bytes(spec: ModelSpec, image: Sequence[int], rows: int) -> tuple[int, int]:
+    """(input bytes, activation bytes): a LOWER BOUND on the memory encoding `rows` images of
+    shape `image` needs at once: the float32 contiguous copy a backend is fed
+    (rows * prod(image) * 4) and, for latent-diffusion VAEs, the two full-resolution maps of
+    the encoder's first level (2 * rows * c0 * H * W * 4)."""
+    size = rows * math.prod(image) * 4
+    first = spec.config.get("encoder_block_out_channels") or spec.config.get("block_out_channels")
+    act = 2 * rows * int(first[0]) * math.prod(image[1:]) * 4 if spec.spatial_factor and first \
+        else 0
+    return size, act
+
+
 def require_memory(spec: ModelSpec, latent: Sequence[int], rows: int, device: torch.device,
                    what: str, itemsize: int = 4, out_rows: int | None = None) -> None:
     """Refuse, before any work, a decode of `rows` latents at once whose lower-bound need
     (`decode_bytes`; outputs for `out_rows` rows when they are allocated for more) exceeds the
     memory available on `device`. Cheap below CHECK_FROM_BYTES: no system query."""
     out, act = decode_bytes(spec, latent, rows, itemsize)
-    if out_rows is not None:
+    job = f"decoding {rows} rows of {tuple(latent)} at once"
+    fix = "decode fewer rows at a time (batch_size=, --batch-size)"
+    if out_rows is not None and out_rows != rows:
         out = out // max(rows, 1) * out_rows
-    need = out + act
+        job = f"{out_rows} samples ({rows} rows decoded at a time)"
+        fix = f"ask for fewer samples per call (n, --n) or {fix}"
+    if spec.spatial_factor:
+        fix += (" or tile it (model.tiled_decode(z, tile_size=64); python -m engine.sample"
+                " decode ... --tile 64)")
+    _refuse_short(what, job, {"outputs": out, "decoder activations": act}, device, fix)
+
+
+def require_encode_memory(spec: ModelSpec, image: Sequence[int], rows: int,
+                          device: torch.device) -> None:
+    """require_memory for encode(): `encode_bytes` against the memory available on `device`."""
+    size, act = encode_bytes(spec, image, rows)
+    fix = "encode fewer images per call"
+    if spec.spatial_factor:
+        fix += " or tile it (model.tiled_encode; python -m engine.sample encode ... --tile 64)"
+    _refuse_short("encode()", f"encoding {rows} images of {tuple(image)} at once",
+                  {"images": size, "encoder activations": act}, device, fix)
+
+
+def _refuse_short(what: str, job: str, parts: dict[str, int], device: torch.device, fix: str
+                  ) -> None:
+    """InputError when the lower bound sum(parts) exceeds what `device` has available."""
+    need = sum(parts.values())
     if need < CHECK_FROM_BYTES:
         return
     have = available_bytes(device)
     if have is None or need <= have:
         return
-    tile = (" or tile it (model.tiled_decode(z, tile_size=64);"
-            " python -m engine.sample decode ... --tile 64)") if spec.spatial_factor else ""
-    raise InputError(f"{what}: decoding {rows} rows of {tuple(latent)} at once needs at least"
-                     f" {_gb(need)} (outputs {_gb(out)}, decoder activations >= {_gb(act)})"
-                     f" and {device.type} has {_gb(have)} available: decode fewer rows at a"
-                     f" time (batch_size=, --batch-size){tile}")
+    shown = ", ".join(f"{k} {'>= ' if 'activations' in k else ''}{_gb(v)}"
+                      for k, v in parts.items() if v)
+    raise InputError(f"{what}: {job} needs at least {_gb(need)} ({shown}) and {device.type} has"
+                     f" {_gb(have)} available: {fix}")

@@ -47,6 +47,7 @@ from engine.runtime.checks import (
     extra_input,
     parse_device,
     require_data,
+    require_encode_memory,
     require_memory,
 )
 from engine.runtime.types import (
@@ -385,6 +386,7 @@ class Sampler:
         require_data(x, "encode(): the images")
         if x.is_cpu:
             require_finite(x, "encode(): the images")
+        require_encode_memory(self.spec, x.shape[1:], x.shape[0], self.device)
         if self._encoder is None:
             self._encoder = self._backend.part("encoder")
         inputs = (x.to(self.device, torch.float32),)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import anomaly, evaluate, plot, sample, train
+from engine import anomaly, evaluate, plot, sample, serve, train
 from engine.checkpoint import save
 from engine.models import build_model
 from export import onnx as export_onnx
@@ -23,6 +23,7 @@ from .conftest import DATA_DIR, assert_intact, snapshot
 CLIS: dict[str, Callable[[list[str]], int]] = {
     "sample": sample.main, "evaluate": evaluate.main, "export.onnx": export_onnx.main,
     "plot": plot.main, "anomaly": anomaly.main, "train": train.main,
+    "serve": serve.main,
 }
 TRAIN = ["--data-dir", DATA_DIR, "--no-progress", "--max-steps", "1", "--hidden-dims", "16"]
 
@@ -165,6 +166,9 @@ BAD_FLAGS = [
                                              "--out", "{w}/run"]),
     ("train-conv-on-crystals", "train", [*TRAIN, "--model", "conv", "--dataset",
                                          "{w}/weights.pt", "--out", "{w}/t"]),
+    ("serve-threads-0", "serve", ["{w}/run/export", "--threads", "0"]),
+    ("serve-device-typo", "serve", ["{w}/run/export", "--device", "gpu"]),
+    ("serve-missing-artifact", "serve", ["{w}/nowhere"]),
     ("plot-max-images-0", "plot", ["{w}/run", "--max-images", "0", "--data-dir", DATA_DIR]),
 ]
 

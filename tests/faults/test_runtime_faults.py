@@ -141,9 +141,37 @@ def test_a_batch_too_large_for_memory_is_refused_up_front(runs, backend, monkeyp
     with pytest.raises(InputError, match=rf"decoding {rows} rows .* needs at least .* and cpu has"
                                          r" .* available: decode fewer rows"):
         s.decode(z)
-    with pytest.raises(InputError, match="sample\\(\\): decoding"):
+    with pytest.raises(InputError, match=rf"sample\(\): {rows} samples \(64 rows decoded at a"
+                                         r" time\) needs .*: ask for fewer samples per call"):
         s.sample(rows, batch_size=64)
     assert s.decode(z[:3]).shape == (3, 1, 28, 28)  # small batches never ask
+    x = torch.rand(1, 1, 28, 28).expand(rows, 1, 28, 28)  # ONNX Runtime copied it, then failed
+    with pytest.raises(InputError, match=rf"encode\(\): encoding {rows} images of \(1, 28, 28\)"
+                                         r" at once needs at least .*: encode fewer images"):
+        s.encode(x)
+    mu, _ = s.encode(x[:2])
+    torch.testing.assert_close(mu, eager_encoder(runs, "mlp")(x[:2])[0], rtol=1e-4, atol=1e-5)
+
+
+def eager_encoder(runs, family: str):
+    model, _ = load_model(runs[family], device="cpu")
+    return model.export_parts()["encoder"].module.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_devices_and_threads_are_checked_at_load(runs, backend):
+    """Before: device="cuda" without a GPU ended in torch's driver RuntimeError (eager), "gpu"
+    in torch's device-string RuntimeError, and threads=2.5 in an ONNX Runtime TypeError."""
+    run = runs["mlp"] if backend == "eager" else runs["mlp"] / "export"
+    with pytest.raises(InputError, match="'gpu' is not a device: expected cpu, cuda or cuda:N"):
+        Sampler.load(run, backend=backend, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises((InputError, SamplerError), match="(no CUDA GPU|no GPU) is visible"):
+            Sampler.load(run, backend=backend, device="cuda")
+    if backend == "onnxruntime":
+        for bad in (2.5, 0, -1, "2"):
+            with pytest.raises(InputError, match="threads must be"):
+                Sampler.load(run, backend=backend, threads=bad)
 
 
 def _kl_model(channels: tuple[int, ...]) -> AutoencoderKL:
