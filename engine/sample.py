@@ -36,6 +36,7 @@ export directory (manifest.json) or a checkpoint / run directory. Subcommands li
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
@@ -184,8 +185,9 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _traverse(args: argparse.Namespace) -> int:
-    if args.steps < 2 or args.k <= 0:
-        raise ValueError(f"traverse needs --steps >= 2 and --k > 0, got {args.steps}, {args.k}")
+    if args.steps < 2 or not (math.isfinite(args.k) and args.k > 0):
+        raise ValueError(f"traverse needs --steps >= 2 and a finite --k > 0, got {args.steps},"
+                         f" {args.k}")
     model, cfg = _latent_model(args)
     latent_dim = require_gaussian_latent(model, "traverse")
     if args.dims is not None:

@@ -17,6 +17,7 @@ It falls back to lerp when a and b are (anti)parallel within 1e-6, where sin(ome
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def latent_grid(latent_dim: int, dims: tuple[int, int] = (0, 1), n: int = 15, lo
     i, j = check_dims(dims, latent_dim, "latent_grid")
     if i == j:
         raise ValueError(f"latent_grid: the two dims must differ, got ({i}, {j})")
-    if n < 2 or not lo < hi:
+    if n < 2 or not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"latent_grid: need n >= 2 and lo < hi, got n={n}, lo={lo}, hi={hi}")
     base = torch.zeros(latent_dim) if base is None else base.detach().reshape(latent_dim)
     values = torch.linspace(lo, hi, n, dtype=base.dtype, device=base.device)
@@ -70,8 +71,8 @@ def traversal(base: Tensor, dims: Sequence[int] | None = None, k: float = 3.0,
     """
     latent_dim = base.numel()
     dims = check_dims(range(latent_dim) if dims is None else dims, latent_dim, "traversal")
-    if steps < 2 or k <= 0:
-        raise ValueError(f"traversal: need steps >= 2 and k > 0, got steps={steps}, k={k}")
+    if steps < 2 or not (math.isfinite(k) and k > 0):
+        raise ValueError(f"traversal: need steps >= 2 and a finite k > 0, got steps={steps}, k={k}")
     values = torch.linspace(-k, k, steps, dtype=base.dtype, device=base.device)
     z = base.detach().reshape(1, 1, latent_dim).repeat(len(dims), steps, 1)  # (D, S, L)
     for row, d in enumerate(dims):

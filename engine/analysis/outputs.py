@@ -24,11 +24,17 @@ def parse_labels(text: str | None, n: int) -> torch.Tensor | int | None:
     return torch.tensor(values, dtype=torch.int64).repeat(n // len(values) + 1)[:n]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
 def save_grid(images: torch.Tensor, out: str | os.PathLike, nrow: int) -> Path:
     """save_image to a temp file beside `out` (same suffix, so the format is kept), then rename."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError("the decoder's outputs are not images (B, C, H, W); use the runtime API")
     out = Path(out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES or out.is_dir():
+        raise ValueError(f"--out {out}: expected an image file path ending in"
+                         f" {'/'.join(IMAGE_SUFFIXES)}, e.g. samples.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().cpu().clamp(0, 1)
     return atomic_write(out, lambda tmp: save_image(images, tmp, nrow=nrow))
