@@ -68,6 +68,9 @@ class BaseVAE(nn.Module):
     `_encode_params(x, y) -> (mean, logvar)` and `_decode_logits(z, y) -> logits`."""
 
     family: ClassVar[str] = ""
+    # --objective values its training_loss honours (engine.losses.OBJECTIVES).
+    objectives: ClassVar[tuple[str, ...]] = ("elbo", "tcvae", "iwae")
+    has_kl: ClassVar[bool] = True  # whether --beta and its schedule weight anything
 
     def __init__(self, config: Any) -> None:
         super().__init__()

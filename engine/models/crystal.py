@@ -175,6 +175,7 @@ def wrapped_distance(a: Tensor, b: Tensor) -> Tensor:
 
 class CrystalVAE(nn.Module):
     family = "crystal"
+    objectives, has_kl = ("elbo",), True  # its own weighted loss; --beta scales w_kl
 
     def __init__(self, config: CrystalVAEConfig) -> None:
         super().__init__()

@@ -156,6 +156,7 @@ class VectorQuantizer(nn.Module):
 
 class VQVAE(BaseVAE):
     family = "vqvae"
+    objectives, has_kl = ("elbo",), False  # its own loss: recon + codebook + commitment
 
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__(config)

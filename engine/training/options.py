@@ -5,9 +5,12 @@ merges its saved configuration with the flags given again."""
 from __future__ import annotations
 
 import math
+import os
 from argparse import SUPPRESS, ArgumentParser, Namespace
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 from engine import checkpoint as ckpt
 from engine.losses import BetaSchedule, Objective
@@ -35,6 +38,8 @@ MINIMUMS = (("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1), ("ckpt_
             ("beta_cycles", 1))
 # Weights of the objective and the optimizer: finite and >= 0 (a negative KL weight rewards a
 # posterior far from the prior; training "works" and the ELBO it reports is wrong).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
 NON_NEGATIVE = ("beta", "beta_start", "capacity_max", "tc_alpha", "tc_gamma", "weight_decay")
 
 
@@ -61,6 +66,13 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--ema is a decay in (0, 1) such as 0.999, got {args.ema}")
     if args.grad_clip is not None and not args.grad_clip > 0:
         raise ValueError(f"--grad-clip must be > 0, got {args.grad_clip}")
+    if args.compile and args.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"--compile-mode {args.compile_mode!r}: expected one of"
+                         f" {', '.join(m for m in COMPILE_MODES if m)}")
+    if args.kernels == "triton" and not os.environ.get("TRITON_INTERPRET") and (
+            args.device == "cpu" or (args.device is None and not torch.cuda.is_available())):
+        raise ValueError("--kernels triton on the CPU needs Triton's interpreter: set"
+                         " TRITON_INTERPRET=1, or use --kernels torch (the default on the CPU)")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces it: give one of them")
     check_device(args.device)

@@ -123,6 +123,7 @@ def build_run(args: Namespace) -> Run:
         check_new_run(out, getattr(args, "overwrite", False))
     resume_from = ckpt.read(out) if args.resume else None
     family = resolve_family(args, resume_from)
+    check_objective(args, get_family(family).model_cls)
     torch.manual_seed(args.seed + rank)
     data = build_data(args, family, rank, world, device)
     if resume_from is not None:
@@ -148,6 +149,23 @@ def resolve_family(args: Namespace, resume_from: ckpt.Checkpoint | None) -> str:
             f" was given; drop --model to resume it, or choose another --out"
         )
     return saved
+
+
+def check_objective(args: Namespace, model: type) -> None:
+    """Refuse flags the `model` class's training_loss would ignore (what is recorded is what
+    ran); before any data is loaded."""
+    name = model.__name__
+    if not getattr(model, "objectives", ("elbo",)):
+        raise ValueError(f"the {name} is served, not trained, by this engine (fine-tuning a"
+                         " latent-diffusion VAE needs perceptual and adversarial losses it does"
+                         " not have); load its weights with engine.sample / export.onnx instead")
+    if args.objective not in getattr(model, "objectives", ("elbo",)):
+        raise ValueError(f"--objective {args.objective} does not apply to the {name}: it trains"
+                         f" on its own loss (objectives: {', '.join(model.objectives)})")
+    if not getattr(model, "has_kl", True) and (args.beta != 1.0 or args.beta_schedule
+                                               != "constant"):
+        raise ValueError(f"--beta and --beta-schedule weight a KL term, which the {name} does"
+                         " not have: drop them")
 
 
 def check_loss_matches(args: Namespace, model: nn.Module) -> None:

@@ -174,6 +174,17 @@ BAD_FLAGS = [
     ("serve-threads-0", "serve", ["{w}/run/export", "--threads", "0"]),
     ("serve-device-typo", "serve", ["{w}/run/export", "--device", "gpu"]),
     ("serve-missing-artifact", "serve", ["{w}/nowhere"]),
+    ("train-vq-with-iwae", "train", [*TRAIN, "--model", "vqvae", "--objective", "iwae",
+                                     "--out", "{w}/t"]),
+    ("train-vq-with-beta", "train", [*TRAIN, "--model", "vqvae", "--beta", "4", "--out", "{w}/t"]),
+    ("train-crystal-with-tcvae", "train", [*TRAIN, "--model", "crystal", "--objective", "tcvae",
+                                           "--dataset", DATA_DIR + "/perov_5", "--out", "{w}/t"]),
+    ("train-triton-on-cpu-without-interpreter", "train", [*TRAIN, "--model", "mlp", "--kernels",
+                                                          "triton", "--device", "cpu",
+                                                          "--out", "{w}/t"]),
+    ("train-unknown-compile-mode", "train", [*TRAIN, "--model", "mlp", "--compile",
+                                             "--compile-mode", "fastest", "--out", "{w}/t"]),
+    ("train-a-served-only-vae", "train", [*TRAIN, "--model", "autoencoder-tiny", "--out", "{w}/t"]),
     ("plot-max-images-0", "plot", ["{w}/run", "--max-images", "0", "--data-dir", DATA_DIR]),
 ]
 
@@ -211,8 +222,9 @@ def test_corrupt_files_end_in_one_line(world, capsys, case):
 
 
 @pytest.mark.parametrize("case", BAD_FLAGS, ids=[c[0] for c in BAD_FLAGS])
-def test_bad_flags_end_in_one_line(world, capsys, case):
+def test_bad_flags_end_in_one_line(world, capsys, monkeypatch, case):
     _, cli, argv = case
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     before = snapshot(world)
     code, err = _run(cli, argv, world, capsys)
     assert_one_error(code, err)

@@ -16,7 +16,7 @@ and N(0, I) draws decode to noise-like textures, so `sample()` raises instead of
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,8 @@ PARITY_BATCHES = (1, 3)  # a full SD decoder at batch 256 would take minutes on 
 class LatentDiffusionVAE(BaseVAE):
     """Base of the latent-diffusion VAEs. Subclasses implement `_encode_outputs(x)` (the
     encoder's raw outputs, a tuple), `_posterior(outputs)` and `_decode_logits(z, y)`."""
+
+    objectives: ClassVar[tuple[str, ...]] = ()  # served, not trained (training_loss says why)
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
