@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import sys
 import warnings
@@ -84,6 +85,8 @@ def to_onnx(part: Any, opset: int, fp16: bool, optimize: bool = True) -> tuple[A
     per_input = dynamic_shapes(part)
     # CastView takes *inputs: torch.export wants the varargs' shapes nested one level down.
     shapes = (per_input,) if fp16 else per_input
+    quiet = logging.getLogger("onnxscript")  # a failed opset conversion logs a traceback;
+    level, quiet.level = quiet.level, logging.CRITICAL  # the opset check below reports it
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -93,7 +96,12 @@ def to_onnx(part: Any, opset: int, fp16: bool, optimize: bool = True) -> tuple[A
         before = len(program.model_proto.graph.node)
         if optimize:
             program.optimize()
+    quiet.setLevel(level)
     proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:  # the converter falls back silently; what is recorded must be what ran
+        raise ExportError(f"--opset {opset}: the exporter produced opset {got} instead; use an"
+                          f" opset it can convert to (from {MIN_OPSET}; default {DEFAULT_OPSET})")
     settings = {"opset": opset, "fp16": fp16, "optimize": optimize, "exporter": "dynamo",
                 "torch": torch.__version__, "nodes_before_optimize": before,
                 "nodes": len(proto.graph.node)}
@@ -121,7 +129,12 @@ def ort_runner(path: Path):
     """Callable running an ONNX file on the ONNX Runtime CPU provider, torch in and out."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
+        why = str(e).split("Current official support")[-1].strip() or str(e).splitlines()[0]
+        raise ExportError(f"ONNX Runtime {ort.__version__} cannot load {path.name} ({why[:200]});"
+                          f" export at a lower --opset (default {DEFAULT_OPSET})") from e
     names = [i.name for i in session.get_inputs()]
 
     def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -163,8 +176,11 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike | None = N
                 ) -> dict[str, Path]:
     """Export the chosen parts (default: all) of a checkpoint, or of a pretrained VAE (`config`:
     its preset where the file cannot tell); update `<out>/manifest.json`."""
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: the dynamo exporter needs opset >= {MIN_OPSET}")
+    import onnx
+
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ExportError(f"--opset {opset}: expected {MIN_OPSET} (the dynamo exporter's lowest)"
+                          f" to {onnx.defs.onnx_opset_version()} (this onnx's highest)")
     source = load_source(checkpoint, config=config)
     out_dir = Path(out) if out is not None else default_export_dir(source.checkpoint)
     return export_source(source, out_dir, opset, fp16, parts, batches)

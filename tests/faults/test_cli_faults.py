@@ -144,6 +144,8 @@ BAD_FLAGS = [
     ("evaluate-unknown-dataset", "evaluate", ["{w}/run", "--dataset", "cifar99",
                                               "--data-dir", DATA_DIR]),
     ("export-opset-too-old", "export.onnx", ["{w}/run", "--opset", "9"]),
+    ("export-opset-beyond-onnx", "export.onnx", ["{w}/run", "--opset", "99"]),
+    ("export-opset-beyond-onnxruntime", "export.onnx", ["{w}/run", "--opset", "28"]),
     ("export-unknown-part", "export.onnx", ["{w}/run", "--parts", "wings"]),
     ("export-out-is-a-file", "export.onnx", ["{w}/run", "--out", "{w}/weights.pt"]),
     ("train-unknown-model", "train", [*TRAIN, "--model", "transformer9", "--out", "{w}/t"]),
