@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         reports = [json.loads(Path(r).read_text()) for r in args.reports]
-        if any("anomaly" not in r for r in reports):
-            raise ValueError("every report must come from engine.evaluate --anomaly")
+        for path, report in zip(args.reports, reports):
+            try:  # each one alone, so that the error names the file
+                summarize([report])
+            except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError) as e:
+                raise ValueError(f"{path}: not a report of engine.evaluate --anomaly (missing"
+                                 f" or malformed {e}); pass the --out files of that command"
+                                 ) from e
         summary = summarize(reports)
         table = markdown_table(summary)
         if args.json:  # atomic: a full disk never leaves half a summary over the old one

@@ -120,6 +120,9 @@ CORRUPT = [
      "sample", ["decode", "{w}/z.safetensors", "--vae", "{w}/run", "--out", "{w}/dec"]),
     ("anomaly-report-not-json", lambda w: (w / "r.json").write_text("nope"),
      "anomaly", ["{w}/r.json"]),
+    ("anomaly-report-of-another-shape",
+     lambda w: (w / "r.json").write_text('{"anomaly": {"roc_auc": 0.5}}'),
+     "anomaly", ["{w}/r.json"]),
     ("plot-not-a-run", lambda w: None, "plot", ["{w}/nowhere", "--curves-only"]),
 ]
 
