@@ -60,6 +60,7 @@ class Checkpoint:
 
 # --- atomic file helpers ------------------------------------------------------------------
 def fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries: a rename is durable) or a file (its data)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -95,12 +96,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_file = fsync_dir  # the same call: open read-only, fsync
 
 
 def raise_named(e: BaseException, path: Path, *stand_ins: Path) -> NoReturn:
