@@ -36,10 +36,10 @@ MINIMUMS = (("batch_size", 1), ("eval_batch_size", 1), ("log_every", 1), ("ckpt_
             ("epochs", 0), ("max_steps", 1), ("iw_samples", 1), ("warmup_steps", 0),
             ("num_workers", 0), ("max_atoms", 1), ("latent_dim", 1), ("beta_steps", 1),
             ("beta_cycles", 1))
-# Weights of the objective and the optimizer: finite and >= 0 (a negative KL weight rewards a
-# posterior far from the prior; training "works" and the ELBO it reports is wrong).
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune",
                  "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
+# Weights of the objective and the optimizer: finite and >= 0 (a negative KL weight rewards a
+# posterior far from the prior; training "works" and the ELBO it reports is wrong).
 NON_NEGATIVE = ("beta", "beta_start", "capacity_max", "tc_alpha", "tc_gamma", "weight_decay")
 
 
