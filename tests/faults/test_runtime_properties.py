@@ -35,7 +35,7 @@ SPECIALS = (None, float("nan"), float("inf"), -float("inf"), 1e30, 3e38)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """(family, backend) -> Sampler, and family -> eager decoder module (the reference)."""
+    """(family, backend) -> Sampler, and (family, part) -> eager module (the reference)."""
     root = tmp_path_factory.mktemp("runtime-properties")
     out = {}
     for family in FAMILIES:
@@ -44,8 +44,8 @@ def models(tmp_path_factory):
         out[family, "eager"] = Sampler.load(run, backend="eager", device="cpu")
         out[family, "onnxruntime"] = Sampler.load(run / "export" / "decoder.onnx", device="cpu")
         model, _ = load_model(run, device="cpu")
-        out[family] = model.export_parts()["decoder"].module.eval()
-        out[family, "encoder"] = model.export_parts()["encoder"].module.eval()
+        for part in ("decoder", "encoder"):
+            out[family, part] = model.export_parts()[part].module.eval()
     return out
 
 
@@ -95,74 +95,39 @@ def labels_for(draw, batch: int):
     return torch.tensor(draw(st.lists(st.integers(-1, 10), min_size=n, max_size=n))).to(dtype)
 
 
-def _reference(decoder, z: torch.Tensor, labels) -> torch.Tensor:
-    """The eager decoder on the same input, labels broadcast as the engine documents."""
-    args = (z,)
-    if labels is not None:
-        y = labels if isinstance(labels, torch.Tensor) and labels.dim() else \
-            torch.full((z.shape[0],), int(labels), dtype=torch.int64)
-        args += (y.long(),)
-    with torch.no_grad():
-        return decoder(*args)
-
-
-@settings(max_examples=400, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_decode_is_eager_or_one_engine_error(models, data):
-    family = data.draw(st.sampled_from(FAMILIES))
-    backend = data.draw(st.sampled_from(BACKENDS))
-    s = models[family, backend]
-    z = data.draw(tensors(s.spec.latent_shape))
-    batch = z.shape[0] if z.dim() else 1
-    labels = labels_for(data.draw, batch) if s.spec.conditional else None
-    try:
-        out = s.decode(z, labels=labels)
-    except (InputError, SamplerError) as e:
-        assert str(e) and "\n" not in str(e), repr(e)
-        event("refused")
-        return
-    event("decoded")
-    ref = _reference(models[family], z, labels)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert torch.isfinite(out).all(), "a non-finite output was returned without an error"
-    if backend == "eager":
-        assert torch.equal(out, ref)
-    elif out.numel():
-        assert_close_to_reference(out, ref.double())
-
-
-def _encoder_reference(encoder, x: torch.Tensor, labels) -> tuple[torch.Tensor, ...]:
-    """The eager encoder on the float32 images (encode() converts any float precision)."""
-    args = (x.float(),)
+def _reference(module, x: torch.Tensor, labels) -> tuple[torch.Tensor, ...]:
+    """The eager decoder (encoder) on the same input as float32 for a float input (encode()
+    converts any float precision; decode() refuses any but float32), labels broadcast as the
+    engine documents; its outputs as a tuple."""
+    args = (x.float() if x.is_floating_point() else x,)
     if labels is not None:
         y = labels if isinstance(labels, torch.Tensor) and labels.dim() else \
             torch.full((x.shape[0],), int(labels), dtype=torch.int64)
         args += (y.long(),)
     with torch.no_grad():
-        out = encoder(*args)
+        out = module(*args)
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-@settings(max_examples=400, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_encode_is_eager_or_one_engine_error(models, data):
+def _eager_or_one_error(models, data, part: str) -> None:
+    """Draw a model, a backend, an input for `part` and labels; run it through the Sampler and
+    compare with the eager module, unless the engine refused it in one line."""
     family = data.draw(st.sampled_from(FAMILIES))
     backend = data.draw(st.sampled_from(BACKENDS))
     s = models[family, backend]
-    x = data.draw(tensors(s.spec.output_shape))
-    batch = x.shape[0] if x.dim() else 1
-    labels = labels_for(data.draw, batch) if s.spec.conditional else None
+    shape = s.spec.latent_shape if part == "decoder" else s.spec.output_shape
+    x = data.draw(tensors(shape))
+    labels = labels_for(data.draw, x.shape[0] if x.dim() else 1) if s.spec.conditional else None
+    run = s.decode if part == "decoder" else s.encode
     try:
-        out = s.encode(x, labels=labels)
+        out = run(x, labels=labels)
     except (InputError, SamplerError) as e:
         assert str(e) and "\n" not in str(e), repr(e)
         event("refused")
         return
-    event("encoded")
+    event(f"{part} ran")
     outs = out if isinstance(out, tuple) else (out,)
-    refs = _encoder_reference(models[family, "encoder"], x, labels)
+    refs = _reference(models[family, part], x, labels)
     assert len(outs) == len(refs)
     for got, ref in zip(outs, refs):
         assert got.shape == ref.shape and got.dtype == ref.dtype
@@ -171,3 +136,20 @@ def test_encode_is_eager_or_one_engine_error(models, data):
             assert torch.equal(got, ref)
         elif got.numel():
             assert_close_to_reference(got, ref.double())
+
+
+PROPERTY = settings(max_examples=400, deadline=None, derandomize=False,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(data=st.data())
+def test_decode_is_eager_or_one_engine_error(models, data):
+    _eager_or_one_error(models, data, "decoder")
+
+
+@PROPERTY
+@given(data=st.data())
+def test_encode_is_eager_or_one_engine_error(models, data):
+    _eager_or_one_error(models, data, "encoder")
