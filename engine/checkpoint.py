@@ -59,13 +59,16 @@ class Checkpoint:
 
 
 # --- atomic file helpers ------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a folder (its entries: a rename is durable) or a file (its data)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path  # the name the folder callers use
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -77,7 +80,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):  # on a read-only disk even this unlink fails
@@ -94,9 +97,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-_fsync_file = fsync_dir  # the same call: open read-only, fsync
 
 
 def raise_named(e: BaseException, path: Path, *stand_ins: Path) -> NoReturn:
@@ -219,7 +219,7 @@ def save(
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path))
-    _fsync_file(path)
+    fsync_path(path)
 
 
 def _swap_names(path: Path) -> tuple[Path, Path]:

@@ -61,6 +61,7 @@ from torch import Tensor
 from engine.checkpoint import (
     atomic_write_json,
     finish_interrupted_swap,
+    fsync_path,
     settled_copy,
     sha256,
     swap_into_place,
@@ -305,7 +306,7 @@ def commit(export_dir: str | os.PathLike, model: dict[str, Any] | None,
         try:
             _link_tree(export_dir, tmp)
             for name, (staged, _) in files.items():
-                _fsync_file(staged)
+                fsync_path(staged)
                 os.replace(staged, tmp / name)
             atomic_write_json(tmp / MANIFEST, data)
         except BaseException:
@@ -347,10 +348,6 @@ def _link_or_copy(src: str, dst: str) -> None:
     except OSError:  # a filesystem without hard links
         shutil.copy2(src, dst)
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def find(manifest: dict[str, Any], part: str = "decoder",

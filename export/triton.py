@@ -42,6 +42,7 @@ from engine.checkpoint import (
     describe_os_error,
     finish_interrupted_swap,
     fsync_dir,
+    fsync_path,
     swap_into_place,
 )
 from export import manifest
@@ -190,8 +191,7 @@ def write_model_dir(repo: Path, name: str, config: str, model: Path, file_name: 
     try:
         (tmp / "1").mkdir(parents=True)
         shutil.copyfile(model, tmp / "1" / file_name)
-        with open(tmp / "1" / file_name, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_path(tmp / "1" / file_name)
         fsync_dir(tmp / "1")
         atomic_write_bytes(tmp / "config.pbtxt", config.encode())
     except BaseException:
