@@ -61,12 +61,14 @@ def test_upcast_restores_weights_bitwise():
     assert all(torch.equal(after[k], v) and after[k].dtype is v.dtype for k, v in before.items())
 
 
-def _planted_overflow_models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(fp16 model, fp32 model with the same fp16-rounded weights); conv_in's weights scaled so
-    a latent of magnitude ~1000 overflows fp16 (65504) in the first activation."""
+def _planted_overflow_models(z: torch.Tensor) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(fp16 model, fp32 model with the same fp16-rounded weights) for latents z whose row 1 is
+    ~1000x the others: conv_in is scaled so that row 1's first activation peaks at 8x the fp16
+    maximum (65504) and overflows for certain, while the other rows peak ~1000x lower."""
     model = build_model("autoencoder-kl", "sd15", **SMALL).eval()
     with torch.no_grad():
-        model.decoder.conv_in.weight.mul_(100.0)
+        peak = model.decoder.conv_in(model.post_quant_conv(z[1:2])).abs().max()
+        model.decoder.conv_in.weight.mul_(8 * torch.finfo(torch.float16).max / peak)
     half = model.half()
     reference = build_model("autoencoder-kl", "sd15", **SMALL).eval()
     reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
@@ -75,9 +77,9 @@ def _planted_overflow_models() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 @torch.no_grad()
 def test_planted_fp16_overflow_is_rerun_in_fp32_and_warned_once():
-    half, reference = _planted_overflow_models()
     z = torch.randn(3, 4, 4, 4)
     z[1] *= 1000.0
+    half, reference = _planted_overflow_models(z)
     raw = half._decode_logits(z.half(), None)
     assert not torch.isfinite(raw[1]).all() and torch.isfinite(raw[[0, 2]]).all()
     with warnings.catch_warnings(record=True) as caught:
