@@ -139,6 +139,19 @@ def describe_os_error(e: OSError) -> str:
     return f"{where}: {e.strerror or e}"
 
 
+def describe_out_of_memory(e: BaseException, fix: str) -> str:
+    """One line for torch's OutOfMemoryError (several sentences and a tuning hint): what was
+    asked for and what was free, then `fix`. Frees the cached blocks, so smaller work can run."""
+    msg = " ".join(str(e).split())
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", msg)
+    free = re.search(r"of which ([\d.]+ [KMGT]?i?B) is free", msg)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    said = ", ".join(part for part in (asked and f"asked for {asked[1]}",
+                                       free and f"{free[1]} free") if part)
+    return f"the device ran out of memory{f' ({said})' if said else ''}: {fix}"
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -25,6 +25,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from engine import checkpoint as ckpt
 from engine.analysis.anomaly import SCORES
 from engine.analysis.evaluation import SPLITS, evaluate_checkpoint, format_table, resolve_checkpoint
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a read-only or full --out: an older report there is kept
         print(f"error: {ckpt.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:
+        print(f"error: {ckpt.describe_out_of_memory(e, 'lower --batch-size')}", file=sys.stderr)
         return 2
     return 0
 

@@ -40,6 +40,8 @@ import math
 import sys
 from collections.abc import Callable
 
+import torch
+
 from engine.analysis.latent import (
     INTERPOLATIONS,
     check_dims,
@@ -63,7 +65,7 @@ from engine.analysis.latent_diffusion import (
     write_latents,
 )
 from engine.analysis.outputs import parse_labels, save_grid, save_tensors
-from engine.checkpoint import CheckpointError, describe_os_error
+from engine.checkpoint import CheckpointError, describe_os_error, describe_out_of_memory
 from engine.data import DatasetError
 from engine.runtime import Sampler, SamplerError
 from engine.runtime.checks import SEEDS
@@ -340,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a read-only or full --out
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:  # past the runtime's lower-bound memory check
+        fix = "lower --batch-size or --n, or tile the decode (--tile 64)"
+        print(f"error: {describe_out_of_memory(e, fix)}", file=sys.stderr)
         return 2
 
 

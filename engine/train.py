@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 import kernels
 from engine import checkpoint as ckpt
 from engine.data import DatasetError
@@ -95,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a read-only or full --out: the checkpoints already there are kept
         print(f"error: {ckpt.describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as e:  # a --batch-size too large for the GPU
+        fix = ("lower --batch-size / --eval-batch-size or try --amp bf16; the checkpoints already"
+               " saved are intact (--resume continues from the last)")
+        print(f"error: {ckpt.describe_out_of_memory(e, fix)}", file=sys.stderr)
         return 2
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from engine.checkpoint import describe_out_of_memory
 from engine.runtime.types import InputError, ModelSpec, SamplerError
 
 SEEDS = range(-2**63, 2**64)  # what torch.Generator.manual_seed accepts
@@ -335,3 +336,13 @@ def _refuse_short(what: str, job: str, parts: dict[str, int], device: torch.devi
                       for k, v in parts.items() if v)
     raise InputError(f"{what}: {job} needs at least {_gb(need)} ({shown}) and {device.type} has"
                      f" {_gb(have)} available: {fix}")
+
+
+def out_of_memory(e: BaseException, what: str, spec: ModelSpec) -> InputError:
+    """The InputError for torch's OutOfMemoryError: a batch that passed the lower-bound checks
+    above but whose real peak (weights, allocator slack, workspaces) did not fit the device."""
+    fix = "encode fewer images per call" if what == "encode()" else \
+        "decode fewer rows at a time (batch_size=, --batch-size)"
+    if spec.spatial_factor:
+        fix += " or tile it (tiled_decode / tiled_encode; --tile 64)"
+    return InputError(f"{what}: {describe_out_of_memory(e, fix)}")

@@ -42,10 +42,11 @@ from engine.runtime.checks import (
     SEEDS,
     as_int,
     as_labels,
+    check_device,
     decode_bytes,
     dtype_name,
     extra_input,
-    parse_device,
+    out_of_memory,
     require_data,
     require_encode_memory,
     require_memory,
@@ -54,9 +55,8 @@ from engine.runtime.types import (
     InputError,
     RuntimeInfo,
     SamplerError,
-    outputs_finite,
+    checked_outputs,
     require_finite,
-    require_finite_outputs,
 )
 from export import manifest
 
@@ -134,7 +134,7 @@ def _pretrained_file(p: Path, backend: str | None) -> tuple[str, Path]:
 class Sampler:
     """One interface over every backend: `load`, `sample`, `decode`, `encode`, `info`."""
 
-    def __init__(self, backend: Backend, artifact: Path) -> None:
+    def __init__(self, backend: Backend, artifact: Path, check_finite: bool = True) -> None:
         self._backend, self.artifact = backend, artifact
         self._encoder: Backend | None = None
         spec = backend.spec
@@ -150,9 +150,12 @@ class Sampler:
         self._direct = single and backend.batch_range == (1, None)
         self._run1 = backend.run1
         self._cpu = self.device.type == "cpu"
-        # Non-finite inputs are refused on the CPU (on CUDA the check would cost a device
-        # sync per call). The ONNX Runtime CPU backend checks inside run1, on its numpy view.
+        # NaN/inf inputs, and outputs that overflow to NaN/inf, are refused. On the CPU inputs
+        # and outputs are checked (the ONNX Runtime CPU backend checks inside run1, on its numpy
+        # view); on a GPU the outputs alone, at one device sync per call, unless the caller
+        # opted out (check_finite=False).
         self._check_direct = self._cpu and not backend.run1_checks_finite
+        self._check_gpu = check_finite and not self._cpu
         # Activations are counted in the backend's precision; batches of more rows than this
         # leave the hot path for the memory check (checks.require_memory).
         self._itemsize = 2 if backend.precision in ("fp16", "bf16") else 4
@@ -165,7 +168,8 @@ class Sampler:
     def load(cls, path: str | os.PathLike, backend: str | None = None,
              device: str | None = None, compile: bool = False,
              threads: int | None = None, cuda_graphs: bool = True,
-             cpu_rewrites: bool = True, config: str | None = None) -> Sampler:
+             cpu_rewrites: bool = True, config: str | None = None, check_finite: bool = True
+             ) -> Sampler:
         """Open an artifact (.onnx / .engine / .plan / .pt2), an export directory (its decoder,
         on the fastest installed backend) or a checkpoint/run directory (PyTorch eager, or
         torch.compile with compile=True). `threads` sizes ONNX Runtime's intra-op pool;
@@ -174,21 +178,24 @@ class Sampler:
         (engine.runtime.ort_cpu; `info.graph_rewrites` lists them). A pretrained
         latent-diffusion VAE (a diffusers folder, a .safetensors file, a TAESD pair) runs on the
         eager backend; `config` names its preset where the file cannot (sd15, sdxl, sd3, flux).
+        On a GPU, `check_finite=False` skips the check that outputs hold no NaN/inf (one device
+        sync per decode/encode call, docs/reliability.md); the CPU always checks.
         """
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
-        parse_device(device)  # a typo is one line; backends say when a GPU is missing
+        check_device(device)  # a typo, or a GPU that is not here, is one line
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
         cls_ = BACKENDS[name]  # each backend imports its library itself and says if it's missing
         if cls_ is EagerBackend:
             return cls(EagerBackend(artifact, device, compile or backend == "compile",
-                                    config=config), artifact)
+                                    config=config), artifact, check_finite)
         if config is not None:
             raise SamplerError(f"config={config!r} applies to pretrained VAE files; {artifact}"
                                " carries its own config")
         if cls_ is OnnxRuntimeBackend:
-            return cls(cls_(artifact, device, threads, cuda_graphs, cpu_rewrites), artifact)
-        return cls(cls_(artifact, device), artifact)
+            return cls(cls_(artifact, device, threads, cuda_graphs, cpu_rewrites), artifact,
+                       check_finite)
+        return cls(cls_(artifact, device), artifact, check_finite)
 
     @property
     def backend(self) -> Backend:
@@ -212,39 +219,32 @@ class Sampler:
         Batches larger than the engine's profile are split; smaller ones are padded; a batch
         of 0 rows gives outputs of 0 rows. Bad inputs raise InputError: a latent of another
         shape/dtype, on the meta device, holding NaN/inf, or so large that the outputs are not
-        finite (checked for CPU outputs only: on CUDA each check would cost a device sync), or a
-        batch whose outputs and activations cannot fit in the device's memory."""
-        if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
-            self._check_latent(z)
-        if (self._direct and labels is None and not extra and not z.requires_grad
-                and (z.is_cpu if self._cpu else z.device == self.device)
-                and 0 < z.shape[0] <= self._rows_unchecked):
-            if self._check_direct:
-                require_finite(z, "decode(): the latent")
-                return self._finite_outputs(z, [self._run1(z)], "decode()")[0]
-            return self._run1(z)  # the hot path: nothing else happens
-        require_data(z, "decode(): the latent")
-        hi = self._backend.batch_range[1]
-        require_memory(self.spec, z.shape[1:], max(1, min(z.shape[0], hi or z.shape[0])),
-                       self.device, "decode()", self._itemsize, out_rows=z.shape[0])
-        if z.is_cpu:
-            require_finite(z, "decode(): the latent")
-        inputs = self._inputs(z.detach().to(self.device), labels, extra)
-        outs = self._run_batched(self._run, self._backend.batch_range, inputs)
-        if z.is_cpu and self._cpu:
-            self._finite_outputs(z, outs, "decode()")
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    @staticmethod
-    def _finite_outputs(x: Tensor, outs: list[Tensor], what: str, symbol: str = "z"
-                        ) -> list[Tensor]:
-        """`outs`, after refusing NaN/inf in CPU outputs of finite inputs `x` (rows named)."""
-        for o in outs:
-            a = o.detach().numpy() if o.dtype in (torch.float32, torch.float64) else None
-            if o.is_floating_point() and not (outputs_finite(a) if a is not None
-                                              else bool(torch.isfinite(o).all())):
-                require_finite_outputs(x, outs, what, symbol)
-        return outs
+        finite (on a GPU: unless loaded with check_finite=False), or a batch whose outputs and
+        activations cannot fit in the device's memory."""
+        try:
+            if type(z) is not Tensor or z.dtype is not self._dtype or z.shape[1:] != self._tail:
+                self._check_latent(z)
+            if (self._direct and labels is None and not extra and not z.requires_grad
+                    and (z.is_cpu if self._cpu else z.device == self.device)
+                    and 0 < z.shape[0] <= self._rows_unchecked):
+                if self._check_direct:
+                    require_finite(z, "decode(): the latent")
+                    return checked_outputs(z, [self._run1(z)], "decode()")[0]
+                if self._check_gpu:
+                    return checked_outputs(z, [self._run1(z)], "decode()")[0]
+                return self._run1(z)  # the hot path: nothing else happens
+            require_data(z, "decode(): the latent")
+            hi = self._backend.batch_range[1]
+            require_memory(self.spec, z.shape[1:], max(1, min(z.shape[0], hi or z.shape[0])),
+                           self.device, "decode()", self._itemsize, out_rows=z.shape[0])
+            inputs = self._inputs(z.detach().to(self.device), labels, extra)
+            if self._cpu:
+                require_finite(inputs[0], "decode(): the latent")
+            outs = self._run_batched(self._run, self._backend.batch_range, inputs)
+            outs = checked_outputs(inputs[0], outs, "decode()", self._check_gpu)
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, "decode()", self.spec) from None
 
     def _inputs(self, z: Tensor, labels: Any, extra: dict[str, Any]) -> tuple[Tensor, ...]:
         """The decoder's inputs in graph order, each checked."""
@@ -341,23 +341,26 @@ class Sampler:
         samples whatever the batch size; decoding runs in batches of `batch_size` (default: the
         engine's max, or DEFAULT_CHUNK) written into outputs allocated once for all n.
         `extra` holds the decoder's other inputs for all n rows (e.g. mask= for crystals)."""
-        n = as_int(n, "sample(): n", minimum=1)
-        bs = self._batch_size(n, batch_size)
-        require_memory(self.spec, self.spec.latent_shape, bs, self.device, "sample()",
-                       self._itemsize, out_rows=n)
-        inputs = self._inputs(self.latents(n, seed), labels, extra)
-        if n <= bs:
-            return self._call(inputs)
-        outs: list[Tensor] = []
-        for i in range(0, n, bs):
-            part = self._run_batched(self._run, self._backend.batch_range,
-                                     tuple(t[i:i + bs] for t in inputs))
-            if not outs:  # one allocation per output for all n
-                outs = [torch.empty((n, *o.shape[1:]), dtype=o.dtype, device=o.device)
-                        for o in part]
-            for out, o in zip(outs, part):
-                out[i:i + o.shape[0]] = o
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        try:
+            n = as_int(n, "sample(): n", minimum=1)
+            bs = self._batch_size(n, batch_size)
+            require_memory(self.spec, self.spec.latent_shape, bs, self.device, "sample()",
+                           self._itemsize, out_rows=n)
+            inputs = self._inputs(self.latents(n, seed), labels, extra)
+            if n <= bs:
+                return self._call(inputs)
+            outs: list[Tensor] = []
+            for i in range(0, n, bs):
+                part = self._run_batched(self._run, self._backend.batch_range,
+                                         tuple(t[i:i + bs] for t in inputs))
+                if not outs:  # one allocation per output for all n
+                    outs = [torch.empty((n, *o.shape[1:]), dtype=o.dtype, device=o.device)
+                            for o in part]
+                for out, o in zip(outs, part):
+                    out[i:i + o.shape[0]] = o
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, "sample()", self.spec) from None
 
     def _batch_size(self, n: int, batch_size: int | None) -> int:
         lo, hi = self._backend.batch_range
@@ -376,26 +379,29 @@ class Sampler:
         """images (B, *output_shape) [+ labels] -> (mu, logvar), or codes for the VQ-VAE.
         Float images of any precision are converted to float32; 0 rows give 0 rows. Bad inputs
         raise InputError, as in decode()."""
-        shape = torch.Size(self.spec.output_shape)
-        if self._spatial and isinstance(x, Tensor):
-            self._check_spatial_images(x)
-        elif not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
-            got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else type(x).__name__
-            raise InputError(f"encode(): expected images of shape (B, {', '.join(map(str, shape))})"
-                             f" float32, got {got}")
-        require_data(x, "encode(): the images")
-        if x.is_cpu:
-            require_finite(x, "encode(): the images")
-        require_encode_memory(self.spec, x.shape[1:], x.shape[0], self.device)
-        if self._encoder is None:
-            self._encoder = self._backend.part("encoder")
-        inputs = (x.to(self.device, torch.float32),)
-        if self._cond or labels is not None:
-            inputs += (self._labels(labels, x.shape[0]),)
-        outs = self._run_batched(self._encoder.run, self._encoder.batch_range, inputs)
-        if x.is_cpu and self._cpu:
-            self._finite_outputs(x, outs, "encode()", "x")
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        try:
+            shape = torch.Size(self.spec.output_shape)
+            if self._spatial and isinstance(x, Tensor):
+                self._check_spatial_images(x)
+            elif not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
+                got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else \
+                    type(x).__name__
+                raise InputError(f"encode(): expected images of shape (B,"
+                                 f" {', '.join(map(str, shape))}) float32, got {got}")
+            require_data(x, "encode(): the images")
+            require_encode_memory(self.spec, x.shape[1:], x.shape[0], self.device)
+            if self._encoder is None:
+                self._encoder = self._backend.part("encoder")
+            inputs = (x.to(self.device, torch.float32),)
+            if self._cpu:
+                require_finite(inputs[0], "encode(): the images")
+            if self._cond or labels is not None:
+                inputs += (self._labels(labels, x.shape[0]),)
+            outs = self._run_batched(self._encoder.run, self._encoder.batch_range, inputs)
+            outs = checked_outputs(inputs[0], outs, "encode()", self._check_gpu, "x")
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(e, "encode()", self.spec) from None
 
 
     def _check_spatial_images(self, x: Tensor) -> None:

@@ -157,3 +157,41 @@ def require_finite_outputs(z: Tensor, outs: Sequence[Tensor], what: str, symbol:
                      f" their inputs are finite: {shown}{', ...' if len(rows) > 4 else ''};"
                      " inputs this large overflow the model's arithmetic (N(0, I) latents lie"
                      " within |z| < 10): clip or rescale those rows")
+
+
+def device_outputs_finite(outs: Sequence[Tensor]) -> bool:
+    """Whether GPU outputs hold no NaN or inf, at one device sync for all of them: each output's
+    float64 sum is finite iff every element is (a float32 element is below 3.5e38, so no count
+    of them overflows float64's 1.8e308), and the sums travel to the host in one copy. Float64
+    outputs, whose sum can overflow, are checked elementwise (log(1) = 0, log(0) = -inf)."""
+    sums = [o.sum(dtype=torch.float64) if o.dtype is not torch.float64
+            else torch.isfinite(o).all().double().log() for o in outs if o.is_floating_point()]
+    return not sums or isfinite((sums[0] if len(sums) == 1 else torch.stack(sums).sum()).item())
+
+
+def refuse_nonfinite_rows(x: Tensor, outs: Sequence[Tensor], what: str, symbol: str = "z"
+                          ) -> None:
+    """After device_outputs_finite() said no: name the input rows `x` (B, ...) that hold NaN or
+    inf, else the rows whose outputs are not finite (require_finite_outputs). Copies to the
+    host: the error path only."""
+    x, outs = x.detach().cpu(), [o.detach().cpu() for o in outs]
+    require_finite(x, f"{what}: the {'latent' if symbol == 'z' else 'images'}")
+    require_finite_outputs(x, outs, what, symbol)
+
+
+def checked_outputs(x: Tensor, outs: list[Tensor], what: str, check_gpu: bool = True,
+                    symbol: str = "z") -> list[Tensor]:
+    """`outs` of the inputs `x` (B, ...), both on the runtime's device, after refusing outputs
+    that hold NaN or inf: on the CPU through numpy views (outputs_finite, then the rows named
+    by require_finite_outputs); on a GPU, unless check_gpu is False, through one device sync
+    (device_outputs_finite, then refuse_nonfinite_rows)."""
+    if not x.is_cpu:
+        if check_gpu and not device_outputs_finite(outs):
+            refuse_nonfinite_rows(x, outs, what, symbol)
+        return outs
+    for o in outs:
+        a = o.detach().numpy() if o.dtype in (torch.float32, torch.float64) else None
+        if o.is_floating_point() and not (outputs_finite(a) if a is not None
+                                          else bool(torch.isfinite(o).all())):
+            require_finite_outputs(x, outs, what, symbol)
+    return outs
