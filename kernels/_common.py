@@ -112,7 +112,7 @@ class OpPair:
     def __init__(
         self, name: str, impl: Callable[..., Any], fake: Callable[..., Any], schema: str
     ) -> None:
-        self.name = name
+        self.name, self.impl, self.schema = name, impl, schema
         self.interp = torch.library.custom_op(
             f"{NAMESPACE}::{name}_interp", impl, mutates_args=(), schema=schema
         )

@@ -56,7 +56,8 @@ def _launch_params(dim: int) -> dict[str, int]:
     return {"BLOCK_N": max(16, 4096 // block_d), "BLOCK_D": block_d, "num_warps": 4}
 
 
-def _fwd_impl(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, ...]:
+def _fwd_impl(x: torch.Tensor, indices: torch.Tensor, num_codes: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # a fixed arity: torch 2.11 infers the schema
     N, D = x.shape
     counts = torch.zeros(num_codes, dtype=torch.float32, device=x.device)
     sums = torch.zeros(num_codes, D, dtype=torch.float32, device=x.device)
@@ -67,7 +68,8 @@ def _fwd_impl(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[t
     return counts, sums
 
 
-def _fwd_fake(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, ...]:
+def _fwd_fake(x: torch.Tensor, indices: torch.Tensor, num_codes: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     counts = x.new_empty(num_codes, dtype=torch.float32)
     return counts, x.new_empty((num_codes, x.shape[1]), dtype=torch.float32)
 
