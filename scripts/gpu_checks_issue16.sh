@@ -13,12 +13,12 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 VAE_DATA_DIR=${VAE_DATA_DIR:-$PWD/.devdat
   python3 -c "import torch, triton, onnxruntime as o; print('torch', torch.__version__,
 '| triton', triton.__version__, '| onnxruntime', o.__version__, o.get_available_providers())"
   git rev-parse HEAD 2>/dev/null || true; } > "$OUT/device.txt" 2>&1
-timeout 200 python3 -m pytest -p no:cacheprovider -q -rA tests/faults/test_gpu_faults.py \
+timeout 180 python3 -m pytest -p no:cacheprovider -q -rA tests/faults/test_gpu_faults.py \
     --junitxml="$OUT/gpu_faults.xml" > "$OUT/gpu_faults.log" 2>&1
 echo "gpu faults: rc=$?"
-timeout 150 python3 benchmarks/gpu_finite_check.py --out "$OUT" > "$OUT/finite_check.log" 2>&1
+timeout 120 python3 benchmarks/gpu_finite_check.py --out "$OUT" > "$OUT/finite_check.log" 2>&1
 echo "finite check benchmark: rc=$?"
-timeout 170 python3 -m pytest -p no:cacheprovider -q -rfEs -n 8 tests/faults \
+timeout 150 python3 -m pytest -p no:cacheprovider -q -rfEs -n 8 tests/faults \
     --ignore=tests/faults/test_gpu_faults.py > "$OUT/faults_suite.log" 2>&1
 echo "fault suite: rc=$?"
 cat "$OUT/device.txt"; tail -n 25 "$OUT/gpu_faults.log"; tail -n 12 "$OUT/finite_check.log"
