@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,9 @@ def export_part(source: Any, name: str, out_dir: Path, device: str,
     model = model_description(source, parts)
     meta = manifest.artifact_metadata(model, name, inputs, outputs, device)
     t0 = time.perf_counter()
-    path = compile_package(export_program(part), out_dir / f"{name}.pt2", meta)
+    with warnings.catch_warnings():  # torch 2.11 warns about its own treespec pickling
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+        path = compile_package(export_program(part), out_dir / f"{name}.pt2", meta)
     seconds = time.perf_counter() - t0
     runner = torch._inductor.aoti_load_package(str(path))
     batches, examples = parity_plan(part, batches)

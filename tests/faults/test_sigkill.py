@@ -137,9 +137,9 @@ def which(out: Path, runs: dict[str, Path]) -> str:
     if manifest.settled(out) is None:
         assert not out.exists() or not any(out.iterdir()), f"{out} half-written"
         return "absent"
-    got = Sampler.load(out).sample(4, seed=1)  # refuses a file that does not match its SHA-256
-    for name, run in runs.items():
-        if torch.allclose(got, Sampler.load(run).sample(4, seed=1), atol=1e-4):
+    got = Sampler.load(out, device="cpu").sample(4, seed=1)  # refuses a file whose SHA-256 differs
+    for name, run in runs.items():  # the CPU's generator on both sides: seeds differ on CUDA
+        if torch.allclose(got, Sampler.load(run, device="cpu").sample(4, seed=1), atol=1e-4):
             return name
     raise AssertionError(f"{out} samples like none of {sorted(runs)}")
 
