@@ -11,10 +11,12 @@ a batch is one index_select: no per-item Python, no worker processes needed.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
 import stat
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,15 +75,35 @@ def _writable_root(root: Path, folder: str) -> Path:
     read_only = not raw.stat().st_mode & stat.S_IWUSR  # mode bits: root ignores os.access
     if not (needs_extract and read_only):
         return root
+    from engine.checkpoint import atomic_write  # not at the top: checkpoint imports models
+
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
     mirror = cache_dir() / "data-mirror" / key
     (mirror / folder / "raw").mkdir(parents=True, exist_ok=True)
     for src in raw.iterdir():
         dst = mirror / folder / "raw" / src.name
-        if not dst.exists():
-            shutil.copyfile(src, dst.with_name(dst.name + ".part"))
-            os.replace(dst.with_name(dst.name + ".part"), dst)
+        if not dst.exists():  # a temp file per process: parallel runs may mirror at once
+            atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
     return mirror
+
+
+def _extract(root: Path, folder: str) -> None:
+    """Decompress each `root/folder/raw/*.gz` whose file is missing, through a temp file and a
+    rename. torchvision extracts in place, so runs started in parallel on a fresh data dir read
+    each other's half-written files (seen: 2 of 8 pytest workers failed on MNIST)."""
+    from engine.checkpoint import atomic_write
+
+    for gz in sorted((root / folder / "raw").glob("*.gz")):
+        if gz.with_suffix("").exists():
+            continue
+        def unzip(tmp: Path, gz: Path = gz) -> None:
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            atomic_write(gz.with_suffix(""), unzip)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise DatasetError(f"{gz} is not a complete gzip file ({type(e).__name__}: {e});"
+                               " replace it with the original download") from e
 
 
 def load_images(name: str, data_dir: str | os.PathLike | None,
@@ -99,8 +121,10 @@ def load_images(name: str, data_dir: str | os.PathLike | None,
         raise DatasetError(
             f"{source} {root} does not exist (it is not created); point it at a directory"
             f" holding {cls.__name__}/raw/*-ubyte.gz, or leave it unset to use the cache")
+    where = _writable_root(root, cls.__name__)  # OSErrors here name their path: not caught
+    _extract(where, cls.__name__)
     try:
-        ds = cls(str(_writable_root(root, cls.__name__)), train=train, download=True)
+        ds = cls(str(where), train=train, download=True)
     except Exception as e:  # URLError, RuntimeError("Error downloading ...") when offline
         raise DatasetError(
             f"{name} is not under {root} and could not be downloaded ({type(e).__name__}:"
