@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engine.data.atomic import replace_atomically
 
 PROCESS_VERSION = 1  # bump when the processing changes: it is part of the cache key
 CSV_SUFFIXES = (".csv", ".csv.gz")
@@ -149,12 +150,5 @@ def load_file(path: str | os.PathLike, niggli: bool = True, cache_dir=None,
             return CrystalArrays(**{k: data[k] for k in data.files})
     arrays = parse_file(path, niggli, num_workers)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **dataclasses.asdict(arrays))
-        os.replace(tmp, cache)  # atomic: readers never see a partial file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    replace_atomically(cache, lambda f: np.savez(f, **dataclasses.asdict(arrays)))
     return arrays

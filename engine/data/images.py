@@ -20,11 +20,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from engine.data.atomic import replace_atomically
 
 VAL_SIZE = 5000
 SPLIT_SEED = 20240601  # fixed: the validation split never depends on --seed
@@ -75,15 +77,14 @@ def _writable_root(root: Path, folder: str) -> Path:
     read_only = not raw.stat().st_mode & stat.S_IWUSR  # mode bits: root ignores os.access
     if not (needs_extract and read_only):
         return root
-    from engine.checkpoint import atomic_write  # not at the top: checkpoint imports models
-
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
     mirror = cache_dir() / "data-mirror" / key
     (mirror / folder / "raw").mkdir(parents=True, exist_ok=True)
     for src in raw.iterdir():
         dst = mirror / folder / "raw" / src.name
         if not dst.exists():  # a temp file per process: parallel runs may mirror at once
-            atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+            with open(src, "rb") as f:
+                replace_atomically(dst, lambda out, f=f: shutil.copyfileobj(f, out, 1 << 20))
     return mirror
 
 
@@ -91,16 +92,14 @@ def _extract(root: Path, folder: str) -> None:
     """Decompress each `root/folder/raw/*.gz` whose file is missing, through a temp file and a
     rename. torchvision extracts in place, so runs started in parallel on a fresh data dir read
     each other's half-written files (seen: 2 of 8 pytest workers failed on MNIST)."""
-    from engine.checkpoint import atomic_write
-
     for gz in sorted((root / folder / "raw").glob("*.gz")):
         if gz.with_suffix("").exists():
             continue
-        def unzip(tmp: Path, gz: Path = gz) -> None:
-            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        def unzip(out: IO[bytes], gz: Path = gz) -> None:
+            with gzip.open(gz, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
         try:
-            atomic_write(gz.with_suffix(""), unzip)
+            replace_atomically(gz.with_suffix(""), unzip)
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise DatasetError(f"{gz} is not a complete gzip file ({type(e).__name__}: {e});"
                                " replace it with the original download") from e
