@@ -70,3 +70,26 @@ def test_a_truncated_download_is_one_line_naming_the_file(tmp_path, capsys):
     assert str(gz) in err and "not a complete gzip file" in err
     assert not gz.with_suffix("").exists()  # nothing half-extracted is left to be read later
     assert sorted(p.name for p in gz.parent.iterdir() if ".tmp" in p.name) == []
+
+
+@needs_mnist
+def test_a_read_only_fresh_data_dir_is_mirrored_whole_and_left_untouched(tmp_path, monkeypatch):
+    """A read-only dir holding only the .gz files: they are copied to the cache (each through
+    a temp file and a rename) and extracted there; the dir itself is not written."""
+    from engine.data.images import load_images
+
+    data = _fresh_copy(tmp_path)
+    raw = data / "MNIST" / "raw"
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    monkeypatch.setenv("VAE_CACHE_DIR", str(tmp_path / "cache"))
+    raw.chmod(0o555)
+    try:
+        x, y = load_images("mnist", data, train=False)
+    finally:
+        raw.chmod(0o755)
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+    labels = _idx(raw / "t10k-labels-idx1-ubyte.gz")
+    assert x.shape == (len(labels), 1, 28, 28) and y.tolist() == labels.tolist()
+    mirrored = list((tmp_path / "cache").rglob("*"))
+    assert sorted(p.name for p in mirrored if p.name.endswith(".gz")) == sorted(before)
+    assert [p.name for p in mirrored if ".tmp" in p.name] == []
