@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import isfinite
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -170,13 +170,15 @@ def device_outputs_finite(outs: Sequence[Tensor]) -> bool:
 
 
 def refuse_nonfinite_rows(x: Tensor, outs: Sequence[Tensor], what: str, symbol: str = "z"
-                          ) -> None:
+                          ) -> NoReturn:
     """After device_outputs_finite() said no: name the input rows `x` (B, ...) that hold NaN or
     inf, else the rows whose outputs are not finite (require_finite_outputs). Copies to the
     host: the error path only."""
     x, outs = x.detach().cpu(), [o.detach().cpu() for o in outs]
     require_finite(x, f"{what}: the {'latent' if symbol == 'z' else 'images'}")
     require_finite_outputs(x, outs, what, symbol)
+    raise InputError(f"{what}: an output without a row per input holds NaN or inf although"
+                     " the inputs are finite: clip or rescale the inputs")
 
 
 def checked_outputs(x: Tensor, outs: list[Tensor], what: str, check_gpu: bool = True,

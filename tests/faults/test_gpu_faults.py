@@ -77,6 +77,8 @@ def test_refusing_nonfinite_rows_names_bad_inputs_first_then_overflowing_rows():
         refuse_nonfinite_rows(z, [out], "decode()")
     with pytest.raises(InputError, match=r"encode\(\): the images holds NaN or inf"):
         refuse_nonfinite_rows(z, [out], "encode()", "x")
+    with pytest.raises(InputError, match=r"an output without a row per input holds NaN or inf"):
+        refuse_nonfinite_rows(torch.randn(n, 8), [torch.tensor([1.0, math.inf])], "decode()")
 
 
 def test_an_out_of_memory_error_in_the_runtime_is_one_line_and_names_the_fix(run, monkeypatch):
