@@ -346,3 +346,14 @@ def out_of_memory(e: BaseException, what: str, spec: ModelSpec) -> InputError:
     if spec.spatial_factor:
         fix += " or tile it (tiled_decode / tiled_encode; --tile 64)"
     return InputError(f"{what}: {describe_out_of_memory(e, fix)}")
+
+
+def check_spatial_images(spec: ModelSpec, x: Tensor) -> None:
+    """Images (B, C, H, W) for a latent-diffusion encoder: H, W multiples of the factor."""
+    c, f = spec.output_shape[0], spec.spatial_factor
+    if x.dim() != 4 or x.shape[1] != c or not x.is_floating_point():
+        raise InputError(f"encode(): expected float images of shape (B, {c}, H, W) in"
+                         f" [-1, 1], got {tuple(x.shape)} {dtype_name(x.dtype)}")
+    if x.shape[2] % f or x.shape[3] % f or not x.shape[2] or not x.shape[3]:
+        raise InputError(f"encode(): image height and width must be positive multiples of"
+                         f" {f}, got {tuple(x.shape[2:])}; crop or pad the images")

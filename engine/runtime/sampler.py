@@ -43,10 +43,12 @@ from engine.runtime.checks import (
     as_int,
     as_labels,
     check_device,
+    check_spatial_images,
     decode_bytes,
     dtype_name,
     extra_input,
     out_of_memory,
+    parse_device,
     require_data,
     require_encode_memory,
     require_memory,
@@ -150,10 +152,9 @@ class Sampler:
         self._direct = single and backend.batch_range == (1, None)
         self._run1 = backend.run1
         self._cpu = self.device.type == "cpu"
-        # NaN/inf inputs, and outputs that overflow to NaN/inf, are refused. On the CPU inputs
-        # and outputs are checked (the ONNX Runtime CPU backend checks inside run1, on its numpy
-        # view); on a GPU the outputs alone, at one device sync per call, unless the caller
-        # opted out (check_finite=False).
+        # NaN/inf inputs and outputs are refused: on the CPU both (ONNX Runtime's CPU backend
+        # checks inside run1, on its numpy view); on a GPU the outputs alone, at one device sync
+        # per call, unless the caller opted out (check_finite=False).
         self._check_direct = self._cpu and not backend.run1_checks_finite
         self._check_gpu = check_finite and not self._cpu
         # Activations are counted in the backend's precision; batches of more rows than this
@@ -183,7 +184,9 @@ class Sampler:
         """
         if compile and backend not in (None, "eager", "compile"):
             raise SamplerError(f"compile=True applies to the eager backend, not {backend!r}")
-        check_device(device)  # a typo, or a GPU that is not here, is one line
+        parse_device(device)  # a typo is one line; backends say when a GPU is missing,
+        if torch.cuda.is_available():  # and this, when a GPU index is not here
+            check_device(device)
         name, artifact = resolve(path, "eager" if backend == "compile" else backend, device)
         cls_ = BACKENDS[name]  # each backend imports its library itself and says if it's missing
         if cls_ is EagerBackend:
@@ -382,7 +385,7 @@ class Sampler:
         try:
             shape = torch.Size(self.spec.output_shape)
             if self._spatial and isinstance(x, Tensor):
-                self._check_spatial_images(x)
+                check_spatial_images(self.spec, x)
             elif not isinstance(x, Tensor) or x.shape[1:] != shape or not x.is_floating_point():
                 got = f"{tuple(x.shape)} {_dt(x.dtype)}" if isinstance(x, Tensor) else \
                     type(x).__name__
@@ -402,17 +405,6 @@ class Sampler:
             return outs[0] if len(outs) == 1 else tuple(outs)
         except torch.OutOfMemoryError as e:
             raise out_of_memory(e, "encode()", self.spec) from None
-
-
-    def _check_spatial_images(self, x: Tensor) -> None:
-        """Images (B, C, H, W) for a latent-diffusion encoder: H, W multiples of the factor."""
-        c, f = self.spec.output_shape[0], self._spatial
-        if x.dim() != 4 or x.shape[1] != c or not x.is_floating_point():
-            raise InputError(f"encode(): expected float images of shape (B, {c}, H, W) in"
-                             f" [-1, 1], got {tuple(x.shape)} {_dt(x.dtype)}")
-        if x.shape[2] % f or x.shape[3] % f or not x.shape[2] or not x.shape[3]:
-            raise InputError(f"encode(): image height and width must be positive multiples of"
-                             f" {f}, got {tuple(x.shape[2:])}; crop or pad the images")
 
 
 def _dt(dtype: torch.dtype) -> str:
