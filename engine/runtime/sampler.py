@@ -157,6 +157,7 @@ class Sampler:
         # per call, unless the caller opted out (check_finite=False).
         self._check_direct = self._cpu and not backend.run1_checks_finite
         self._check_gpu = check_finite and not self._cpu
+        self._check_run1 = self._check_direct or self._check_gpu  # outputs of the hot path
         # Activations are counted in the backend's precision; batches of more rows than this
         # leave the hot path for the memory check (checks.require_memory).
         self._itemsize = 2 if backend.precision in ("fp16", "bf16") else 4
@@ -230,10 +231,9 @@ class Sampler:
             if (self._direct and labels is None and not extra and not z.requires_grad
                     and (z.is_cpu if self._cpu else z.device == self.device)
                     and 0 < z.shape[0] <= self._rows_unchecked):
-                if self._check_direct:
-                    require_finite(z, "decode(): the latent")
-                    return checked_outputs(z, [self._run1(z)], "decode()")[0]
-                if self._check_gpu:
+                if self._check_run1:
+                    if self._check_direct:
+                        require_finite(z, "decode(): the latent")
                     return checked_outputs(z, [self._run1(z)], "decode()")[0]
                 return self._run1(z)  # the hot path: nothing else happens
             require_data(z, "decode(): the latent")
